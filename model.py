@@ -1,0 +1,783 @@
+"""
+The Flamingo model, top to bottom, in one file:
+
+1. `LM`: a decoder-only language model in nanoGPT's style that covers the GPT-2 family
+   (learned positions, LayerNorm, GELU, biases) and the Llama family (RoPE, RMSNorm, SwiGLU,
+   grouped-query attention, optional q/k/v bias as in Qwen2). `LM.from_pretrained` reads a
+   Hugging Face checkpoint (config.json + safetensors, sharded or not) with an explicit key map.
+2. `VisionEncoder`: an open_clip vision tower that returns the grid of patch tokens.
+3. `Flamingo`: the frozen LM and vision encoder joined by the trained Perceiver Resampler
+   (resampler.py) and GATED XATTN-DENSE blocks (xattn.py), with forward, generate and checkpoints.
+
+Shapes: B batch rows, T tokens, C LM width, N media items in the batch, F frames per item,
+S patches per frame, D vision width, R visual tokens per item (the resampler's latents),
+M the most media items any one row holds.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from resampler import PerceiverResampler
+from xattn import GatedCrossAttentionBlock
+
+# -----------------------------------------------------------------------------
+# The language model
+
+
+@dataclass
+class LMConfig:
+    arch: str = "gpt2"            # "gpt2" (learned positions, LayerNorm, GELU) or "llama" (RoPE, RMSNorm, SwiGLU)
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # grouped-query attention; None = n_head
+    n_embd: int = 768
+    head_dim: int | None = None   # None = n_embd // n_head
+    n_inner: int | None = None    # MLP hidden width; None = 4 * n_embd
+    block_size: int = 1024        # learned positions (gpt2); for llama only a documented limit
+    bias: bool = True             # biases in every Linear and LayerNorm (gpt2)
+    qkv_bias: bool | None = None  # bias on q/k/v only (Qwen2); None = same as bias
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama-3.1 style {"rope_type": "llama3", ...}
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        assert self.arch in ("gpt2", "llama"), f"unknown arch {self.arch!r}"
+        # derived values are properties (below), never stored, so an override can't leave them stale
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hd(self):
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def inner(self):
+        return self.n_inner or 4 * self.n_embd
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # computed in fp32 as Llama does, then cast back
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg, dim):
+    if cfg.arch == "gpt2":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+    return RMSNorm(dim, cfg.norm_eps)
+
+
+def rope_frequencies(cfg):
+    """Inverse frequencies of rotary embeddings (RoFormer eq. 15), with Llama-3's long-context rescaling."""
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.hd, 2, dtype=torch.float64) / cfg.hd))
+    rs = cfg.rope_scaling
+    if rs is None or rs.get("rope_type", rs.get("type", "default")) == "default":
+        return inv.float()
+    if rs.get("rope_type", rs.get("type")) != "llama3":
+        raise NotImplementedError(f"rope_scaling {rs} is not supported (only Llama-3's)")
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = ((old / wavelen) - lo) / (hi - lo)
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)  # long wavelengths: slowed down
+    mid = (wavelen <= old / lo) & (wavelen >= old / hi)          # in between: interpolated
+    scaled = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return scaled.float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (i, i + hd/2) of x (B, h, T, hd): the 'rotate half' layout of HF Llama checkpoints."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """The keys and values of the tokens seen so far, one per layer; grows by concatenation."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def update(self, k, v):  # (B, h, T_new, hd) each
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v  # (B, h, T_past + T_new, hd)
+
+    def reorder(self, rows):  # beam search: keep the caches of the surviving beams
+        self.k, self.v = self.k[rows], self.v[rows]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+        # q, k and v in one Linear: (n_head + 2 * kv_heads) * hd outputs
+        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.hd, bias=qkv_bias)
+        self.c_proj = nn.Linear(cfg.n_head * cfg.hd, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x, rope=None, cache=None):
+        B, T, _ = x.shape
+        h, kvh, hd = self.cfg.n_head, self.cfg.kv_heads, self.cfg.hd
+        q, k, v = self.c_attn(x).split([h * hd, kvh * hd, kvh * hd], dim=-1)
+        q = q.view(B, T, h, hd).transpose(1, 2)    # (B, h, T, hd)
+        k = k.view(B, T, kvh, hd).transpose(1, 2)  # (B, kvh, T, hd)
+        v = v.view(B, T, kvh, hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if cache is not None:
+            past = 0 if cache.k is None else cache.k.shape[2]
+            k, v = cache.update(k, v)              # (B, kvh, past + T, hd)
+        if past == 0 or T == 1:
+            # the whole prefix is visible to a single new token; otherwise plain causal masking
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=(past == 0 and T > 1), enable_gqa=kvh != h)
+        else:  # several new tokens after a cached prefix: causal mask shifted by `past`
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kvh != h)
+        y = y.transpose(1, 2).reshape(B, T, h * hd)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.arch = cfg.arch
+        # llama: gate and up projections fused in one Linear (2 * inner outputs), SwiGLU
+        n_out = cfg.inner * (2 if cfg.arch == "llama" else 1)
+        self.c_fc = nn.Linear(cfg.n_embd, n_out, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.inner, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):
+        if self.arch == "llama":
+            gate, up = self.c_fc(x).chunk(2, dim=-1)
+            return self.c_proj(F.silu(gate) * up)
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = make_norm(cfg, cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = make_norm(cfg, cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class LM(nn.Module):
+    """A decoder LM. Module names follow GPT-2's, so the key map to other families stays short."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.arch == "gpt2" else None,
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            ln_f=make_norm(cfg, cfg.n_embd),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        if cfg.arch == "llama":
+            self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    # The three pieces of a forward pass, kept apart so that Flamingo can run its own layer loop.
+    def embed(self, tok_emb, pos):
+        """Add learned positions (GPT-2) to token embeddings (B, T, C); pos is (T,)."""
+        if self.transformer.wpe is not None:
+            if pos[-1] >= self.config.block_size:
+                raise ValueError(f"sequence of {pos[-1] + 1} tokens is longer than the LM's "
+                                 f"{self.config.block_size} positions")
+            tok_emb = tok_emb + self.transformer.wpe(pos)
+        return tok_emb
+
+    def rope(self, pos):
+        """(cos, sin) of shape (T, hd) for rotary embeddings, or None for GPT-2."""
+        if self.config.arch != "llama":
+            return None
+        ang = pos.float()[:, None] * self.inv_freq[None, :]  # (T, hd/2)
+        ang = torch.cat([ang, ang], dim=-1)                  # (T, hd)
+        return ang.cos(), ang.sin()
+
+    def forward(self, idx, targets=None, caches=None):
+        """idx (B, T) -> logits (B, T, vocab), loss (mean cross-entropy over targets != -1, or None)."""
+        past = 0 if caches is None or caches[0].k is None else caches[0].k.shape[2]
+        pos = torch.arange(past, past + idx.shape[1], device=idx.device)
+        x = self.embed(self.transformer.wte(idx), pos)      # (B, T, C)
+        rope = self.rope(pos)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, None if caches is None else caches[i])
+        logits = self.lm_head(self.transformer.ln_f(x))      # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    # -------------------------------------------------------------------------
+    # Loading Hugging Face checkpoints
+
+    @staticmethod
+    def config_from_hf(hf: dict) -> LMConfig:
+        """Our LMConfig from a Hugging Face config.json dict (read only; the dict is not changed)."""
+        mt = hf.get("model_type")
+        if mt == "gpt2":
+            if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise NotImplementedError(f"GPT-2 activation {hf['activation_function']!r}")
+            return LMConfig(arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                            n_head=hf["n_head"], n_embd=hf["n_embd"], n_inner=hf.get("n_inner"),
+                            block_size=hf["n_positions"], bias=True,
+                            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                            tie_word_embeddings=hf.get("tie_word_embeddings", True))
+        if mt in ("llama", "qwen2", "mistral"):
+            if hf.get("hidden_act", "silu") != "silu":
+                raise NotImplementedError(f"activation {hf['hidden_act']!r}")
+            rope = dict(hf.get("rope_parameters") or {})  # newer transformers keep rope settings here
+            theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+            scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+            if mt == "mistral" and hf.get("sliding_window"):
+                raise NotImplementedError("sliding-window attention (Mistral) is not supported")
+            return LMConfig(arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+                            n_head=hf["num_attention_heads"],
+                            n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                            n_embd=hf["hidden_size"], head_dim=hf.get("head_dim"),
+                            n_inner=hf["intermediate_size"],
+                            block_size=hf.get("max_position_embeddings", 2048), bias=False,
+                            qkv_bias=True if mt == "qwen2" else bool(hf.get("attention_bias", False)),
+                            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+                            tie_word_embeddings=hf.get("tie_word_embeddings", False))
+        raise NotImplementedError(f"model_type {mt!r}: supported are gpt2, llama, qwen2, mistral")
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, dtype=None, device="cpu"):
+        """A Hugging Face decoder checkpoint -> LM, every tensor mapped explicitly and checked.
+
+        `path_or_hub_id` is a local directory holding config.json and model.safetensors (or a sharded
+        model.safetensors.index.json, or pytorch_model.bin), or a hub id downloaded once into the cache.
+        """
+        path = resolve_checkpoint_dir(path_or_hub_id)
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = cls.config_from_hf(json.load(f))
+        with torch.device("meta"):
+            model = cls(cfg)  # no memory: the real tensors come from the checkpoint
+        ours = model.state_dict()
+        sd = hf_to_ours(cfg, load_hf_state_dict(path), ours)
+        for k, v in sd.items():
+            if v.shape != ours[k].shape:
+                raise ValueError(f"{k}: checkpoint has shape {tuple(v.shape)}, the model expects {tuple(ours[k].shape)}")
+        if dtype is not None:
+            sd = {k: v.to(dtype) for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+        if cfg.tie_word_embeddings:  # assign=True replaced the tensor: tie again
+            model.lm_head.weight = model.transformer.wte.weight
+        if cfg.arch == "llama":
+            model.inv_freq = rope_frequencies(cfg)
+        return model.to(device)
+
+
+def resolve_checkpoint_dir(path_or_hub_id):
+    """A local directory as it is; otherwise a hub id, downloaded once (config + weights only)."""
+    if os.path.isdir(path_or_hub_id):
+        return path_or_hub_id
+    if os.path.exists(path_or_hub_id) or path_or_hub_id.startswith((".", "/")) or path_or_hub_id.count("/") > 1:
+        raise FileNotFoundError(f"{path_or_hub_id!r} is not a checkpoint directory")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model"])
+    except Exception as e:
+        raise RuntimeError(
+            f"could not find {path_or_hub_id!r} locally nor download it from the Hugging Face hub ({type(e).__name__}: {e}). "
+            f"Offline? Download it elsewhere (huggingface-cli download {path_or_hub_id}) and pass the local directory.") from None
+
+
+def load_hf_state_dict(path):
+    """All tensors of a checkpoint directory: sharded or single safetensors, or a .bin (weights_only)."""
+    from safetensors.torch import load_file
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        sd = {}
+        for shard in shards:
+            sd.update(load_file(os.path.join(path, shard)))
+        return sd
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return load_file(os.path.join(path, "model.safetensors"))
+    if os.path.exists(os.path.join(path, "pytorch_model.bin")):
+        return torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {path}")
+
+
+def hf_to_ours(cfg, hf, ours):
+    """Rename (and fuse) Hugging Face tensors into our names. Fails on any missing or unexpected key."""
+    hf = dict(hf)
+    out = {}
+
+    def take(name):
+        if name not in hf:
+            raise KeyError(f"checkpoint is missing {name!r}")
+        return hf.pop(name)
+
+    if cfg.arch == "gpt2":
+        # GPT-2 checkpoints exist with and without the "transformer." prefix; attn.bias/masked_bias are
+        # causal-mask buffers of old versions, not weights.
+        hf = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in hf.items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        for k in ours:
+            if k == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            if k == "lm_head.weight":
+                out[k] = take(k)
+                continue
+            v = take(k)
+            out[k] = v.t().contiguous() if k.endswith(conv1d) else v  # HF's Conv1D stores (in, out)
+        hf.pop("lm_head.weight", None)  # a tied copy, if the checkpoint carries one
+    else:
+        out["transformer.wte.weight"] = take("model.embed_tokens.weight")
+        out["transformer.ln_f.weight"] = take("model.norm.weight")
+        for i in range(cfg.n_layer):
+            p, q = f"model.layers.{i}.", f"transformer.h.{i}."
+            out[q + "ln_1.weight"] = take(p + "input_layernorm.weight")
+            out[q + "ln_2.weight"] = take(p + "post_attention_layernorm.weight")
+            a = p + "self_attn."
+            out[q + "attn.c_attn.weight"] = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")])
+            if q + "attn.c_attn.bias" in ours:
+                out[q + "attn.c_attn.bias"] = torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias")])
+            out[q + "attn.c_proj.weight"] = take(a + "o_proj.weight")
+            m = p + "mlp."
+            out[q + "mlp.c_fc.weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
+            out[q + "mlp.c_proj.weight"] = take(m + "down_proj.weight")
+        if cfg.tie_word_embeddings:
+            hf.pop("lm_head.weight", None)
+        else:
+            out["lm_head.weight"] = take("lm_head.weight")
+    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer in old Llama files
+    if hf:
+        raise KeyError(f"checkpoint has {len(hf)} unexpected tensors, e.g. {sorted(hf)[:5]}")
+    expected = {k for k in ours if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
+    if set(out) != expected:
+        raise KeyError(f"key map mismatch: missing {sorted(expected - set(out))[:5]}, extra {sorted(set(out) - expected)[:5]}")
+    if cfg.tie_word_embeddings:
+        out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out
+
+# -----------------------------------------------------------------------------
+# The vision encoder
+
+
+def _register_clip_configs():
+    """Our tiny open_clip configs (config/clip/*.json: tests and the shapes world) join open_clip's own."""
+    import open_clip
+    from pathlib import Path
+    open_clip.add_model_config(Path(__file__).parent / "config" / "clip")
+
+
+class VisionEncoder(nn.Module):
+    """An open_clip ViT's vision tower, returning the grid of patch tokens (not the pooled embedding).
+
+    `pretrained` is an open_clip tag ("openai", "laion2b_s34b_b79k", ...) or a local weights file.
+    `ln_post=False` gives the tokens before the tower's final LayerNorm, as OpenFlamingo's models saw them.
+    """
+
+    def __init__(self, name, pretrained=None, ln_post=True):
+        super().__init__()
+        import logging
+        import open_clip
+        _register_clip_configs()
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip is chatty
+        try:
+            clip = open_clip.create_model(name, pretrained=pretrained)
+        except RuntimeError as e:
+            raise RuntimeError(f"open_clip could not build {name!r} with weights {pretrained!r}: {e}\n"
+                               "Offline? Pass a local weights file as clip_pretrained.") from None
+        self.visual = clip.visual  # the text tower is dropped
+        if not hasattr(self.visual, "_embeds"):
+            raise NotImplementedError(f"{name!r}: only open_clip VisionTransformer towers are supported")
+        self.name, self.pretrained, self.ln_post = name, pretrained, ln_post
+        self.width = self.visual.transformer.width
+        pp = self.visual.preprocess_cfg
+        self.image_size, self.mean, self.std = pp["size"], tuple(pp["mean"]), tuple(pp["std"])
+
+    def forward(self, x):
+        """x (n, 3, H, W) preprocessed pixels -> (n, S, D) patch tokens."""
+        v = self.visual
+        x = v.transformer(v._embeds(x))   # (n, 1 + S, D): class token first
+        if self.ln_post:
+            x = v.ln_post(x)
+        return x[:, 1:]                    # (n, S, D)
+
+
+# -----------------------------------------------------------------------------
+# Flamingo
+
+
+@dataclass
+class FlamingoConfig:
+    lm: str = ""                          # LM.from_pretrained path or hub id
+    clip: str = "ViT-B-32"                # open_clip model name
+    clip_pretrained: str | None = None    # open_clip tag or local weights file
+    cross_attn_every_n_layers: int = 1    # a GATED XATTN-DENSE block before layer i when (i + 1) % n == 0
+    resampler_depth: int = 6
+    resampler_heads: int = 8
+    resampler_dim_head: int = 64
+    num_latents: int = 64
+    max_num_frames: int = 1               # time embeddings for videos of up to this many frames; 0 = none
+    xattn_heads: int = 8
+    xattn_dim_head: int = 64
+    xattn_ff_mult: int = 4
+    only_attend_immediate_media: bool = True  # False: a token sees all images at or before it
+    vision_ln_post: bool = True
+    freeze_lm: bool = True
+    freeze_vision: bool = True
+
+
+class Flamingo(nn.Module):
+    """A frozen vision encoder and a frozen LM, joined by a trained resampler and gated cross-attention."""
+
+    def __init__(self, lm: LM, vision: VisionEncoder, cfg: FlamingoConfig, verbose=True):
+        super().__init__()
+        self.config = cfg
+        self.lm, self.vision = lm, vision
+        C, D = lm.config.n_embd, vision.width
+        self.perceiver = PerceiverResampler(D, cfg.resampler_depth, cfg.resampler_heads, cfg.resampler_dim_head,
+                                            cfg.num_latents, cfg.max_num_frames)
+        n = cfg.cross_attn_every_n_layers
+        self.xattn = nn.ModuleDict({
+            str(i): GatedCrossAttentionBlock(C, D, cfg.xattn_heads, cfg.xattn_dim_head, cfg.xattn_ff_mult,
+                                             cfg.only_attend_immediate_media)
+            for i in range(lm.config.n_layer) if (i + 1) % n == 0
+        })
+        # The two new tokens get their own trained rows, appended after the LM's vocabulary, so that every
+        # original LM weight stays bit-identical. They start at the mean of the existing rows.
+        V = lm.config.vocab_size
+        self.media_token_id, self.eoc_token_id = V, V + 1
+        wte, head = lm.transformer.wte.weight.detach(), lm.lm_head.weight.detach()
+        self.new_wte = nn.Parameter(wte.float().mean(0).expand(2, -1).clone().to(wte.dtype))    # (2, C)
+        self.new_lm_head = nn.Parameter(head.float().mean(0).expand(2, -1).clone().to(head.dtype))
+        # Freezing is decided once, here: the optimizer only ever sees what requires grad.
+        self.lm.requires_grad_(not cfg.freeze_lm)
+        self.vision.requires_grad_(not cfg.freeze_vision)
+        self.train()
+        if verbose:
+            trained = sum(p.numel() for p in self.parameters() if p.requires_grad)
+            frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+            print(f"Flamingo: {trained / 1e6:.2f}M trained parameters, {frozen / 1e6:.2f}M frozen "
+                  f"({len(self.xattn)} xattn blocks over {lm.config.n_layer} LM layers)")
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.config.freeze_vision:
+            self.vision.eval()  # a frozen tower stays in eval mode (no patch dropout)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, lm, clip, clip_pretrained=None, cross_attn_every_n_layers=1, verbose=True,
+                        dtype=None, **options):
+        """A Flamingo from a pretrained LM (path or hub id) and an open_clip model name + weights."""
+        cfg = FlamingoConfig(lm=lm, clip=clip, clip_pretrained=clip_pretrained,
+                             cross_attn_every_n_layers=cross_attn_every_n_layers, **options)
+        lm_model = LM.from_pretrained(lm, dtype=dtype)
+        vision = VisionEncoder(clip, clip_pretrained, ln_post=cfg.vision_ln_post)
+        return cls(lm_model, vision, cfg, verbose=verbose)
+
+    # -------------------------------------------------------------------------
+    # Forward: images -> visual tokens, then the LM's layers with the gated blocks in between
+
+    def encode_media(self, images, idx):
+        """Resampled visual tokens of each row's images, in slots: (B, M, R, D), or None without images.
+
+        `images` (N, F, 3, H, W) holds the N media items of the batch in the order of their `<image>`
+        tokens, row by row. Only real images are encoded: a row with fewer images than M leaves zero
+        slots that no token can attend to (see xattn.media_mask).
+        """
+        counts = (idx == self.media_token_id).sum(1)   # (B,) images per row
+        n = int(counts.sum())
+        if images is None or n == 0:
+            if n or (images is not None and len(images)):
+                raise ValueError(f"{n} <image> tokens but {0 if images is None else len(images)} images")
+            return None
+        if images.ndim != 5 or images.shape[0] != n:
+            raise ValueError(f"images must be (N, F, 3, H, W) with N = {n} (the number of <image> tokens); "
+                             f"got {tuple(images.shape)}")
+        N, Fr = images.shape[:2]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
+            feats = self.vision(images.flatten(0, 1))        # (N*F, S, D)
+        feats = feats.view(N, Fr, *feats.shape[1:])          # (N, F, S, D)
+        tokens = self.perceiver(feats)                       # (N, R, D)
+        B, M = idx.shape[0], int(counts.max())
+        row = torch.repeat_interleave(torch.arange(B, device=idx.device), counts)       # (N,) row of each item
+        slot = torch.arange(N, device=idx.device) - (counts.cumsum(0) - counts)[row]  # (N,) its place in the row
+        visual = tokens.new_zeros(B, M, *tokens.shape[1:])   # (B, M, R, D)
+        visual[row, slot] = tokens
+        return visual
+
+    def media_kvs(self, visual):
+        """Each xattn block's keys and values of the visual tokens: {layer: (k, v)}; {} without images."""
+        if visual is None:
+            return {}
+        return {i: blk.attn.media_kv(visual) for i, blk in self.xattn.items()}
+
+    def embed_tokens(self, idx):
+        """Token embeddings (B, T, C): the frozen LM table, and the new trained rows for ids >= V."""
+        V = self.lm.config.vocab_size
+        x = self.lm.transformer.wte(idx.clamp(max=V - 1))
+        new = (idx >= V)[..., None]
+        return torch.where(new, self.new_wte[(idx - V).clamp(min=0, max=1)].to(x.dtype), x)
+
+    def decode(self, idx, text_time, kvs, caches=None):
+        """The LM's layers with a gated block before every n-th one (Flamingo Figure 3). -> logits (B, T, V+2).
+
+        text_time (B, T): which image each token belongs to (xattn.py). kvs: from media_kvs.
+        caches: one KVCache per LM layer for generation, or None.
+        """
+        lm, R = self.lm, self.config.num_latents
+        past = 0 if caches is None or caches[0].k is None else caches[0].k.shape[2]
+        pos = torch.arange(past, past + idx.shape[1], device=idx.device)
+        x = lm.embed(self.embed_tokens(idx), pos)            # (B, T, C)
+        rope = lm.rope(pos)
+        for i, block in enumerate(lm.transformer.h):
+            if str(i) in self.xattn:
+                x = self.xattn[str(i)](x, text_time, kvs.get(str(i)), R)
+            x = block(x, rope, None if caches is None else caches[i])
+        h = lm.transformer.ln_f(x)
+        return torch.cat([lm.lm_head(h), h @ self.new_lm_head.to(h.dtype).t()], dim=-1)  # (B, T, V + 2)
+
+    def forward(self, images, idx, targets=None):
+        """images (N, F, 3, H, W) or None, idx (B, T) -> logits (B, T, V + 2), loss or None."""
+        visual = self.encode_media(images, idx)                  # (B, M, R, D)
+        text_time = (idx == self.media_token_id).cumsum(1)       # (B, T): phi of Flamingo Figure 6
+        logits = self.decode(idx, text_time, self.media_kvs(visual))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    # -------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(self, images, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, num_beams=1,
+                 use_cache=True, stop_token_id=None):
+        """The prompt idx (B, T) followed by up to max_new_tokens new tokens. temperature=0 is greedy.
+
+        Stops at `<|endofchunk|>` (or stop_token_id); a row that stopped is padded with that token until
+        all rows have. With use_cache, the media keys and values are computed once for the whole call and
+        the text keys and values are cached (KVCache); use_cache=False recomputes everything at each step
+        (the slow reference). `<image>` is never generated: no image could follow it.
+        """
+        stop = self.eoc_token_id if stop_token_id is None else stop_token_id
+        if num_beams > 1:
+            return self._beam_search(images, idx, max_new_tokens, num_beams, use_cache, stop)
+        step = self._stepper(images, idx, use_cache)
+        logits = step(idx)                                            # (B, V + 2) at the last position
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p)     # (B, 1)
+            nxt = torch.where(done[:, None], stop, nxt)
+            idx = torch.cat([idx, nxt], dim=1)
+            done |= nxt[:, 0] == stop
+            if done.all():
+                break
+            logits = step(nxt)
+        return idx
+
+    def _stepper(self, images, idx, use_cache, num_beams=1):
+        """A function new_tokens (B, t) -> next-token logits (B, V + 2) that remembers what it has seen.
+
+        Beams: rows are expanded num_beams times (row b's beams are rows b*nb .. b*nb + nb-1); the
+        returned function has a `.reorder(rows)` for beam search to pick surviving beams.
+        """
+        ids = {"seen": idx.repeat_interleave(num_beams, dim=0)}      # (B*nb, T)
+        images = expand_media(images, idx, self.media_token_id, num_beams)
+        if use_cache:
+            visual = self.encode_media(images, ids["seen"])          # once per call
+            kvs = self.media_kvs(visual)                             # once per call
+            caches = [KVCache() for _ in self.lm.transformer.h]
+            last_time = {"t": None}
+
+        def step(new):
+            if new is not idx:
+                ids["seen"] = torch.cat([ids["seen"], new], dim=1)
+            if not use_cache:  # the naive loop: the whole sequence and its images, every step
+                return self.forward(images, ids["seen"])[0][:, -1].float().index_fill_(
+                    1, torch.tensor([self.media_token_id], device=new.device), -float("inf"))
+            x = ids["seen"] if new is idx else new
+            base = 0 if last_time["t"] is None else last_time["t"]
+            text_time = base + (x == self.media_token_id).cumsum(1)   # (B, t)
+            last_time["t"] = text_time[:, -1:]
+            logits = self.decode(x, text_time, kvs, caches)[:, -1].float()
+            logits[:, self.media_token_id] = -float("inf")
+            return logits
+
+        def reorder(rows):
+            ids["seen"] = ids["seen"][rows]
+            if use_cache:
+                for c in caches:
+                    c.reorder(rows)
+                last_time["t"] = last_time["t"][rows]
+            # the media are the same for all beams of a row, and rows never move across batch rows
+
+        step.reorder = reorder
+        return step
+
+    def _beam_search(self, images, idx, max_new_tokens, nb, use_cache, stop, length_penalty=1.0):
+        """Beam search (as OpenFlamingo's evaluation uses, 3 beams). A finished hypothesis is scored by
+        sum of log-probabilities / (number of new tokens) ** length_penalty; a row stops when it has nb
+        finished hypotheses and no live beam can beat the worst of them."""
+        B, T = idx.shape
+        step = self._stepper(images, idx, use_cache, nb)
+        seqs = idx.repeat_interleave(nb, dim=0)                        # (B*nb, T)
+        scores = torch.full((B, nb), -float("inf"), device=idx.device)
+        scores[:, 0] = 0.0                                             # beams start identical: keep one
+        finished = [[] for _ in range(B)]                              # (score, tokens) per row
+        logits = step(idx)
+        for t in range(1, max_new_tokens + 1):
+            logp = F.log_softmax(logits, dim=-1).view(B, nb, -1)      # (B, nb, V)
+            cand = (scores[..., None] + logp).view(B, -1)              # (B, nb*V)
+            top, pos = cand.topk(2 * nb, dim=1)                        # enough to refill nb live beams
+            V = logp.shape[-1]
+            rows, new_tokens, new_scores = [], [], []
+            for b in range(B):
+                keep = []
+                for rank, (s, p) in enumerate(zip(top[b].tolist(), pos[b].tolist())):
+                    beam, tok = divmod(p, V)
+                    if s == -float("inf"):
+                        break
+                    if tok == stop:
+                        if rank < nb:  # only a top-nb candidate may finish
+                            hyp = torch.cat([seqs[b * nb + beam, T:], seqs.new_tensor([tok])])
+                            finished[b].append((s / t ** length_penalty, hyp))
+                    else:
+                        keep.append((s, beam, tok))
+                    if len(keep) == nb:
+                        break
+                while len(keep) < nb:  # not enough live candidates (tiny vocabularies)
+                    keep.append((-float("inf"), 0, stop))
+                for s, beam, tok in keep:
+                    rows.append(b * nb + beam)
+                    new_tokens.append(tok)
+                    new_scores.append(s)
+            rows = torch.tensor(rows, device=idx.device)
+            new = torch.tensor(new_tokens, device=idx.device)[:, None]
+            seqs = torch.cat([seqs[rows], new], dim=1)
+            scores = torch.tensor(new_scores, device=idx.device).view(B, nb)
+            done = [len(f) >= nb and min(f, key=lambda h: h[0])[0] >= scores[b].max().item() / t ** length_penalty
+                    for b, f in enumerate(finished)]
+            if all(done) or t == max_new_tokens:
+                break
+            step.reorder(rows)
+            logits = step(new)
+        out = []
+        for b in range(B):
+            live = [(scores[b, j].item() / t ** length_penalty, seqs[b * nb + j, T:]) for j in range(nb)
+                    if scores[b, j] > -float("inf")]
+            best = max(finished[b] + (live if len(finished[b]) < nb else []), key=lambda h: h[0])[1]
+            out.append(best)
+        L = max(len(o) for o in out)
+        out = [torch.cat([o, o.new_full((L - len(o),), stop)]) for o in out]
+        return torch.cat([idx, torch.stack(out)], dim=1)
+
+    # -------------------------------------------------------------------------
+    # Checkpoints: the trained parts, plus the config that rebuilds the rest
+
+    def trained_state_dict(self):
+        return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
+
+    def save_checkpoint(self, path, **extra):
+        """Write {"flamingo_config", "model" (trained parts only), **extra} atomically: a temp file, then a
+        rename, so a run killed mid-write leaves the previous checkpoint whole."""
+        ckpt = {"flamingo_config": asdict(self.config), "model": self.trained_state_dict(), **extra}
+        atomic_save(ckpt, path)
+
+    @classmethod
+    def from_checkpoint(cls, path, verbose=True, map_location="cpu"):
+        """Rebuild a model saved by save_checkpoint (a ckpt.pt file or the directory holding it)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "ckpt.pt")
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        cfg = dict(ckpt["flamingo_config"])
+        base = os.path.dirname(os.path.abspath(path))
+        for key in ("lm", "clip_pretrained"):  # paths saved relative to the checkpoint travel with it
+            if cfg.get(key) and not os.path.isabs(cfg[key]) and os.path.exists(os.path.join(base, cfg[key])):
+                cfg[key] = os.path.join(base, cfg[key])
+        model = cls.from_pretrained(verbose=verbose, **cfg)
+        model.load_trained(ckpt["model"])
+        model.config = FlamingoConfig(**ckpt["flamingo_config"])
+        return model, ckpt
+
+    def load_trained(self, sd):
+        """Load trained parts, refusing any missing, unexpected or mis-shaped tensor by name."""
+        ours = self.trained_state_dict()
+        missing, extra = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
+        if missing or extra:
+            raise KeyError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
+        for k, v in sd.items():
+            if v.shape != ours[k].shape:
+                raise ValueError(f"{k}: checkpoint has shape {tuple(v.shape)}, the model {tuple(ours[k].shape)}")
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for k, v in sd.items():
+                params[k].copy_(v)
+
+
+def atomic_save(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+
+
+def expand_media(images, idx, media_token_id, n):
+    """Repeat each row's media items n times, for rows repeated with repeat_interleave(n)."""
+    if images is None or n == 1:
+        return images
+    counts = (idx == media_token_id).sum(1).tolist()
+    starts = [sum(counts[:b]) for b in range(len(counts))]
+    order = [i for b, c in enumerate(counts) for _ in range(n) for i in range(starts[b], starts[b] + c)]
+    return images[torch.tensor(order, device=images.device)]
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, V) -> next token (B, 1): greedy at temperature 0, else sampled after top-k / top-p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, -float("inf")))
+    return torch.multinomial(logits.softmax(-1), num_samples=1)

@@ -1,0 +1,88 @@
+"""
+The Perceiver Resampler (Flamingo, Figure 4 and section 3.1.1).
+
+A vision encoder gives a variable number of features per media item: S patches for each of F frames.
+The language model wants a fixed, small number of visual tokens. The resampler turns (F, S, D)
+features into (R, D) tokens: R learned latent vectors are queries, and the keys and values are the
+features *concatenated with the latents themselves*. The paper's pseudo-code, for one media item:
+
+    x_f = x_f + time_embeddings            # (F, S, D): one learned vector per frame
+    x_f = flatten(x_f)                     # (F*S, D)
+    for i in range(num_layers):
+        x = x + attention_i(q=x, kv=concat([x_f, x]))
+        x = x + ffw_i(x)
+    return x                               # (R, D)
+
+Module names follow OpenFlamingo's (`latents`, `layers.{i}.0.to_q`, ...; DESIGN section 9) so
+that its checkpoints load with a short key map.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def FeedForward(dim, mult=4):
+    """LayerNorm, Linear up, GELU, Linear down, no biases (indices 0, 1, 3 as in OpenFlamingo)."""
+    return nn.Sequential(
+        nn.LayerNorm(dim),
+        nn.Linear(dim, dim * mult, bias=False),
+        nn.GELU(),
+        nn.Linear(dim * mult, dim, bias=False),
+    )
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to concat(features, latents). Separate pre-LayerNorms for the two inputs."""
+
+    def __init__(self, dim, heads=8, dim_head=64):
+        super().__init__()
+        self.heads = heads
+        inner = heads * dim_head
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)  # keys, then values
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x, latents):
+        # x: (N, L, D) media features, latents: (N, R, D)
+        x, latents = self.norm_media(x), self.norm_latents(latents)
+        N, R, _ = latents.shape
+        h = self.heads
+        q = self.to_q(latents)                                       # (N, R, inner)
+        k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)  # (N, L + R, inner) each
+        q, k, v = (t.view(N, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))  # (N, h, *, dh)
+        out = F.scaled_dot_product_attention(q, k, v)               # (N, h, R, dh): no mask, all see all
+        return self.to_out(out.transpose(1, 2).reshape(N, R, -1))  # (N, R, D)
+
+
+class PerceiverResampler(nn.Module):
+    def __init__(self, dim, depth=6, heads=8, dim_head=64, num_latents=64, max_num_frames=1, ff_mult=4):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, dim))
+        # One learned vector per frame (the paper's time embeddings). OpenFlamingo's released models
+        # have none (max_num_frames=0): then every item must be a single frame.
+        self.frame_embs = nn.Parameter(torch.randn(max_num_frames, dim) * 0.02) if max_num_frames else None
+        self.layers = nn.ModuleList([
+            nn.ModuleList([PerceiverAttention(dim, heads, dim_head), FeedForward(dim, ff_mult)])
+            for _ in range(depth)
+        ])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        """x: (N, F, S, D) features of N media items -> (N, R, D) visual tokens, whatever F and S are."""
+        N, Fr, S, D = x.shape
+        if self.frame_embs is not None:
+            if Fr > self.frame_embs.shape[0]:
+                raise ValueError(f"{Fr} frames per item, but the resampler has time embeddings for "
+                                 f"{self.frame_embs.shape[0]} (max_num_frames)")
+            x = x + self.frame_embs[:Fr, None, :]                   # (N, F, S, D)
+        elif Fr != 1:
+            raise ValueError(f"{Fr} frames per item, but this resampler has no time embeddings")
+        x = x.reshape(N, Fr * S, D)                                  # (N, F*S, D)
+        latents = self.latents.expand(N, -1, -1)                     # (N, R, D)
+        for attn, ff in self.layers:
+            latents = latents + attn(x, latents)
+            latents = latents + ff(latents)
+        return self.norm(latents)                                    # (N, R, D)

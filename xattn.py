@@ -1,0 +1,84 @@
+"""
+Masked cross-attention from text to visual tokens, and the GATED XATTN-DENSE block (Flamingo, Figure 5):
+
+    x = x + tanh(attn_gate) * xattn(q=LN(x), kv=visual)
+    x = x + tanh(ff_gate)   * ffw(x)
+
+Both gates are single learned scalars that start at 0, so a fresh block is the identity and the
+frozen LM is exactly the pretrained LM at step 0.
+
+Which image a text token sees (Flamingo, Figure 6, the function phi): each `<image>` token marks where
+a media item sits. `text_time[b, t]` counts the `<image>` tokens of row b at or before position t, so
+token t of row b belongs to image number text_time[b, t] of that row (1-based; 0 = no image yet).
+A token attends only to the visual tokens of that one image. Tokens before the first image attend to
+nothing, and their cross-attention output is exactly zero. With `only_attend_immediate_media=False`
+a token attends to all the images at or before it instead.
+
+Shapes: B rows, T tokens, C LM width, M media slots per row (the most images any row has),
+R visual tokens per image, D vision width, h heads of dh.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from resampler import FeedForward
+
+
+def media_mask(text_time, M, R, only_immediate=True):
+    """Which visual tokens each text token may see: (B, T) image numbers -> (B, 1, T, M*R) bool."""
+    slot = torch.arange(1, M + 1, device=text_time.device)              # image numbers 1..M
+    if only_immediate:
+        mask = text_time[:, :, None] == slot                             # (B, T, M)
+    else:
+        mask = text_time[:, :, None] >= slot
+    return mask.repeat_interleave(R, dim=-1)[:, None]                  # (B, 1, T, M*R)
+
+
+class MaskedCrossAttention(nn.Module):
+    def __init__(self, dim, dim_visual, heads=8, dim_head=64, only_attend_immediate_media=True):
+        super().__init__()
+        self.heads = heads
+        self.only_immediate = only_attend_immediate_media
+        inner = heads * dim_head
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim_visual, 2 * inner, bias=False)  # keys, then values
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def media_kv(self, visual):
+        """Keys and values of the visual tokens (B, M, R, D) -> two (B, h, M*R, dh) tensors.
+        Generation computes these once per prompt and reuses them for every new token."""
+        B, M, R, _ = visual.shape
+        k, v = self.to_kv(visual.reshape(B, M * R, -1)).chunk(2, dim=-1)
+        return tuple(t.view(B, M * R, self.heads, -1).transpose(1, 2) for t in (k, v))
+
+    def forward(self, x, text_time, kv, R):
+        B, T, _ = x.shape
+        k, v = kv                                                         # (B, h, M*R, dh)
+        M = k.shape[2] // R
+        q = self.to_q(self.norm(x)).view(B, T, self.heads, -1).transpose(1, 2)  # (B, h, T, dh)
+        mask = media_mask(text_time, M, R, self.only_immediate)          # (B, 1, T, M*R)
+        # A token with no image at all would have an all-False row, and softmax over nothing is NaN.
+        # Let such rows see everything (any finite values), then zero their output exactly below.
+        has_media = (text_time > 0)[:, None, :, None]                     # (B, 1, T, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_media)  # (B, h, T, dh)
+        out = out * has_media
+        return self.to_out(out.transpose(1, 2).reshape(B, T, -1))        # (B, T, C)
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """GATED XATTN-DENSE: inserted before an LM layer; the identity while both gates are 0."""
+
+    def __init__(self, dim, dim_visual, heads=8, dim_head=64, ff_mult=4, only_attend_immediate_media=True):
+        super().__init__()
+        self.attn = MaskedCrossAttention(dim, dim_visual, heads, dim_head, only_attend_immediate_media)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = FeedForward(dim, ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, text_time, kv, R):
+        """x (B, T, C); text_time (B, T) image numbers; kv from `attn.media_kv`, None without images."""
+        if kv is not None:
+            x = x + self.attn(x, text_time, kv, R) * self.attn_gate.tanh()
+        return x + self.ff(x) * self.ff_gate.tanh()
