@@ -305,6 +305,58 @@ class LM(nn.Module):
         return model.to(device)
 
 
+def save_pretrained(lm: LM, path):
+    """Write an LM in the Hugging Face layout (config.json + model.safetensors) that LM.from_pretrained and
+    transformers both read: how the shapes world's own pretrained LM is stored."""
+    from safetensors.torch import save_file
+    cfg = lm.config
+    os.makedirs(path, exist_ok=True)
+    sd = {k: v.detach().contiguous() for k, v in lm.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight")
+    hf = {}
+    if cfg.arch == "gpt2":
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        hf = {k: v.t().contiguous() if k.endswith(conv1d) else v for k, v in sd.items()}
+        hf_cfg = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
+                      n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_inner=cfg.n_inner,
+                      n_positions=cfg.block_size, layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new",
+                      tie_word_embeddings=cfg.tie_word_embeddings)
+        if not cfg.bias:
+            raise NotImplementedError("the GPT-2 layout has biases everywhere")
+    else:
+        hf["model.embed_tokens.weight"] = sd.pop("transformer.wte.weight")
+        hf["model.norm.weight"] = sd.pop("transformer.ln_f.weight")
+        if "lm_head.weight" in sd:
+            hf["lm_head.weight"] = sd.pop("lm_head.weight")
+        h, kvh, hd = cfg.n_head, cfg.kv_heads, cfg.hd
+        for i in range(cfg.n_layer):
+            p, q = f"model.layers.{i}.", f"transformer.h.{i}."
+            hf[p + "input_layernorm.weight"] = sd.pop(q + "ln_1.weight")
+            hf[p + "post_attention_layernorm.weight"] = sd.pop(q + "ln_2.weight")
+            for kind in ("weight", "bias"):
+                if q + f"attn.c_attn.{kind}" in sd:
+                    qq, kk, vv = sd.pop(q + f"attn.c_attn.{kind}").split([h * hd, kvh * hd, kvh * hd])
+                    hf.update({p + f"self_attn.q_proj.{kind}": qq, p + f"self_attn.k_proj.{kind}": kk,
+                               p + f"self_attn.v_proj.{kind}": vv})
+            hf[p + "self_attn.o_proj.weight"] = sd.pop(q + "attn.c_proj.weight")
+            gate, up = sd.pop(q + "mlp.c_fc.weight").chunk(2)
+            hf.update({p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                       p + "mlp.down_proj.weight": sd.pop(q + "mlp.c_proj.weight")})
+        assert not sd, f"unmapped tensors {list(sd)}"
+        if cfg.bias or cfg.rope_scaling:
+            raise NotImplementedError("saving biased or rope-scaled Llama-family LMs")
+        hf_cfg = dict(model_type="qwen2" if cfg.qkv_bias else "llama",
+                      architectures=["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
+                      vocab_size=cfg.vocab_size, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                      num_key_value_heads=cfg.kv_heads, hidden_size=cfg.n_embd, head_dim=cfg.hd,
+                      intermediate_size=cfg.inner, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
+                      rope_theta=cfg.rope_theta, hidden_act="silu", tie_word_embeddings=cfg.tie_word_embeddings)
+    save_file({k: v.contiguous() for k, v in hf.items()}, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2)
+
+
 def resolve_checkpoint_dir(path_or_hub_id):
     """A local directory as it is; otherwise a hub id, downloaded once (config + weights only)."""
     if os.path.isdir(path_or_hub_id):
@@ -588,13 +640,14 @@ class Flamingo(nn.Module):
 
     @torch.no_grad()
     def generate(self, images, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, num_beams=1,
-                 use_cache=True, stop_token_id=None):
+                 use_cache=True, stop_token_id=None, on_token=None):
         """The prompt idx (B, T) followed by up to max_new_tokens new tokens. temperature=0 is greedy.
 
         Stops at `<|endofchunk|>` (or stop_token_id); a row that stopped is padded with that token until
         all rows have. With use_cache, the media keys and values are computed once for the whole call and
         the text keys and values are cached (KVCache); use_cache=False recomputes everything at each step
         (the slow reference). `<image>` is never generated: no image could follow it.
+        on_token(tokens (B, 1)) is called as each token is chosen (for streaming; not with beam search).
         """
         stop = self.eoc_token_id if stop_token_id is None else stop_token_id
         if num_beams > 1:
@@ -607,6 +660,8 @@ class Flamingo(nn.Module):
             nxt = torch.where(done[:, None], stop, nxt)
             idx = torch.cat([idx, nxt], dim=1)
             done |= nxt[:, 0] == stop
+            if on_token is not None:
+                on_token(nxt)
             if done.all():
                 break
             logits = step(nxt)
@@ -762,6 +817,8 @@ def expand_media(images, idx, media_token_id, n):
     if images is None or n == 1:
         return images
     counts = (idx == media_token_id).sum(1).tolist()
+    if len(images) != sum(counts):  # checked here too: indexing would drop extra images silently
+        raise ValueError(f"{sum(counts)} <image> tokens but {len(images)} images")
     starts = [sum(counts[:b]) for b in range(len(counts))]
     order = [i for b, c in enumerate(counts) for _ in range(n) for i in range(starts[b], starts[b] + c)]
     return images[torch.tensor(order, device=images.device)]

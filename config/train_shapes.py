@@ -1,0 +1,33 @@
+# The offline default: the shapes world (DESIGN section 6) on a laptop CPU.
+# Stage 1 (pretrain_shapes.py, once) makes the stand-ins for a pretrained LM and CLIP;
+# stage 2 (train.py) freezes both and trains the resampler, the gated blocks and the new token rows.
+out_dir = "out-shapes"
+lm = "out-shapes/pretrained/lm"
+clip = "shapes-vit"
+clip_pretrained = "out-shapes/pretrained/vision.safetensors"
+pretrain_shapes = True
+pretrain_lm_iters = 300
+pretrain_vision_iters = 300
+
+tokenizer = "bytes"
+block_size = 256
+batch_size = 32
+gradient_accumulation_steps = 1
+
+cross_attn_every_n_layers = 1
+resampler_depth = 2
+resampler_heads = 4
+resampler_dim_head = 32
+num_latents = 16
+xattn_heads = 4
+xattn_dim_head = 32
+
+learning_rate = 1e-3
+max_iters = 600
+warmup_iters = 30
+weight_decay = 0.0
+eval_interval = 200
+eval_iters = 4
+log_interval = 10
+device = "cpu"
+dtype = "float32"

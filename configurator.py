@@ -1,0 +1,81 @@
+"""
+Config files and command-line overrides, in nanoGPT's style:
+
+    python train.py config/train_shapes.py --batch_size=32 --compile=False --out_dir out-test
+
+A script defines its defaults as plain module-level variables, then calls `configure(globals())`.
+Each argument is either a config file (plain Python that assigns some of those variables) or an
+override `--key=value` / `--key value`. Values are Python literals (`3`, `1e-3`, `'abc'`, `None`,
+`(1, 2)`); anything that is not a literal is taken as a string.
+
+Fixed warts of the original: unknown keys are errors that list the known ones; a value must have its
+default's type (an int is fine for a float), except where the default is None; booleans are strict
+(True/False/true/false, nothing else); `--key=a=b` splits on the first `=` only.
+"""
+
+import ast
+import sys
+
+SIMPLE = (int, float, bool, str, type(None), tuple, list, dict)
+
+
+def parse_value(key, raw, default):
+    if isinstance(default, bool):
+        if raw not in ("True", "False", "true", "false"):
+            raise ValueError(f"--{key} takes True or False, not {raw!r}")
+        return raw in ("True", "true")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare word: a string
+    return check_type(key, value, default)
+
+
+def check_type(key, value, default):
+    if default is None or value is None:
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        return str(value) if isinstance(value, (int, float)) else value  # --out_dir 123 -> "123"
+    if type(value) is not type(default):
+        raise TypeError(f"{key} must be a {type(default).__name__} like its default {default!r}, got {value!r}")
+    return value
+
+
+def configure(config: dict, argv=None):
+    """Apply config files and overrides from argv (default sys.argv[1:]) to `config`, in place."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known = {k for k, v in config.items() if not k.startswith("_") and isinstance(v, SIMPLE)}
+
+    def known_key(key):
+        if key not in known:
+            raise KeyError(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
+        return key
+
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):  # a config file
+            print(f"Overriding config with {arg}:")
+            with open(arg) as f:
+                source = f.read()
+            print(source)
+            values = {}
+            exec(compile(source, arg, "exec"), values)
+            for k, v in values.items():
+                if not k.startswith("_") and isinstance(v, SIMPLE):
+                    config[known_key(k)] = check_type(k, v, config[k])
+            i += 1
+            continue
+        key, eq, raw = arg[2:].partition("=")  # the first "=" only
+        if not eq:  # --key value
+            if i + 1 >= len(argv):
+                raise ValueError(f"{arg} has no value")
+            raw = argv[i + 1]
+            i += 1
+        key = known_key(key)
+        config[key] = parse_value(key, raw, config[key])
+        print(f"Overriding: {key} = {config[key]!r}")
+        i += 1
+    return {k: config[k] for k in sorted(known)}  # the resolved config, to print and to store

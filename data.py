@@ -1,0 +1,383 @@
+"""
+Data for Flamingo: tokenizers, the shapes world, batching and label masking.
+
+Read top to bottom:
+1. Tokenizers. tiktoken for everything. The LM's own vocabulary comes first; the two
+   Flamingo tokens <image> and <|endofchunk|> are appended after it (DESIGN.md section 5).
+2. The shapes world (DESIGN.md section 6): 64x64 images of 1-3 colored shapes with
+   captions, questions and task-by-example sequences. Needs no network; it is the default.
+3. Sequences to tensors: tokenise, truncate, mask the labels (DESIGN.md section 7) and
+   split a global batch deterministically over ranks and micro-steps.
+
+A *sample* is (text, images): `text` is markup, a string in which "<image>" marks where an
+image sits and "<|endofchunk|>" ends the text that belongs to it; `images` is a list of
+uint8 arrays (H, W, 3), in the order of the <image> markers.
+"""
+
+import functools
+
+import numpy as np
+import tiktoken
+import torch
+
+# -----------------------------------------------------------------------------
+# 1. Tokenizers
+
+IMAGE, EOC, EOT = "<image>", "<|endofchunk|>", "<|endoftext|>"
+
+# CLIP's pixel statistics (open_clip's OPENAI_DATASET_MEAN / _STD), for collate()
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class Tokenizer:
+    """
+    A tiktoken Encoding plus the two Flamingo tokens, appended after the LM's vocabulary:
+    image_id = lm_vocab_size, eoc_id = lm_vocab_size + 1, n_vocab = lm_vocab_size + 2.
+    encode() is for plain text and never yields a special id: a caption that contains the
+    characters "<image>" stays text. encode_markup() is the one explicit way to get them.
+    """
+
+    def __init__(self, name, base, lm_vocab_size=None):
+        lm_vocab_size = base.n_vocab if lm_vocab_size is None else lm_vocab_size
+        assert lm_vocab_size >= base.n_vocab, f"lm_vocab_size {lm_vocab_size} < tokenizer's {base.n_vocab}"
+        self.name = name
+        self.eot_id = base.eot_token
+        self.image_id = lm_vocab_size
+        self.eoc_id = lm_vocab_size + 1
+        self.n_vocab = lm_vocab_size + 2
+        # ids in [base.n_vocab, lm_vocab_size) are embedding rows with no token (padded LMs)
+        self.base_n_vocab = base.n_vocab
+        # the tiktoken README's way to extend an encoding with new special tokens
+        self.enc = tiktoken.Encoding(
+            name=f"{base.name}_flamingo",
+            pat_str=base._pat_str,
+            mergeable_ranks=base._mergeable_ranks,
+            special_tokens={**base._special_tokens, IMAGE: self.image_id, EOC: self.eoc_id},
+        )
+
+    def encode(self, text):
+        """Plain text -> ids. Special-token strings in `text` are encoded as ordinary text."""
+        return self.enc.encode_ordinary(text)
+
+    def encode_markup(self, text):
+        """Markup -> ids: "<image>", "<|endofchunk|>" and "<|endoftext|>" become their special ids."""
+        return self.enc.encode(text, allowed_special={IMAGE, EOC, EOT}, disallowed_special=())
+
+    def decode(self, ids):
+        """ids -> str; special ids render as their markup. Ids with no token (padding rows) are dropped."""
+        ids = [int(i) for i in ids]
+        ids = [i for i in ids if i < self.base_n_vocab or i in (self.image_id, self.eoc_id)]
+        return self.enc.decode(ids, errors="replace")
+
+
+def bytes_encoding():
+    """256 byte tokens, no merges: id i is byte i; <|endoftext|> = 256. Offline, tiny vocabulary."""
+    return tiktoken.Encoding(
+        name="bytes",
+        pat_str=r"[\s\S]{1,64}",  # pieces of up to 64 characters; with no merges the split is irrelevant
+        mergeable_ranks={bytes([i]): i for i in range(256)},
+        special_tokens={EOT: 256},
+    )
+
+
+def gpt2_encoding():
+    """GPT-2's BPE. tiktoken downloads it once and caches it (TIKTOKEN_CACHE_DIR)."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # requests' ConnectionError, a timeout, a bad cache file...
+        raise RuntimeError(
+            "could not load the 'gpt2' tokenizer: tiktoken tried to download vocab.bpe and "
+            "encoder.json from openaipublic.blob.core.windows.net and failed "
+            f"({type(e).__name__}: {str(e)[:200]}). Offline? Either set TIKTOKEN_CACHE_DIR to a "
+            "directory holding tiktoken's cached files (copied from a machine where "
+            "tiktoken.get_encoding('gpt2') ran once), or use the tokenizer 'bytes'."
+        ) from None
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer(name="bytes", lm_vocab_size=None):
+    """The tokenizer called `name` ("bytes" or "gpt2"), with <image> and <|endofchunk|> appended
+    after `lm_vocab_size` (default: the base vocabulary size; larger for LMs with padded embeddings)."""
+    if name == "bytes":
+        base = bytes_encoding()
+    elif name == "gpt2":
+        base = gpt2_encoding()
+    # later: an HF tokenizer.json (GPT-NeoX, Llama-3, Qwen2, SmolLM2) converted to a tiktoken Encoding
+    else:
+        raise ValueError(f"unknown tokenizer {name!r}; known: 'bytes', 'gpt2'")
+    return Tokenizer(name, base, lm_vocab_size)
+
+
+# -----------------------------------------------------------------------------
+# 2. The shapes world (DESIGN.md section 6)
+#
+# Geometry, so that anyone can draw the same images: a 64x64 canvas in pixel-corner
+# coordinates (pixel (y, x) covers [y, y+1) x [x, x+1)). The 3x3 grid has cells of about
+# 21 px; the object of cell (row, col) is centred at cx = 32 + 21*(col-1) + jx,
+# cy = 32 + 21*(row-1) + jy, i.e. at 11, 32 or 53 (within half a pixel of the centres of
+# cells with boundaries 0, 21, 42, 64), with integer jitter jx, jy in [-2, 2]. An object of
+# size s covers the s x s box [c - s/2, c + s/2): even large objects never leave the canvas.
+# Objects are flat colors; only the background is noisy.
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230),
+    "yellow": (230, 210, 40), "purple": (150, 60, 200), "white": (235, 235, 235),
+}
+SIZES = {"small": 10, "large": 18}  # px across
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+POSITION_PHRASES = (  # how a caption says where an object is, by cell
+    "at the top left", "at the top", "at the top right",
+    "on the left", "in the center", "on the right",
+    "at the bottom left", "at the bottom", "at the bottom right",
+)
+QUESTION_TYPES = ("color", "shape", "count", "position", "exists")
+TASK_KINDS = ("color", "shape", "size", "position")
+IMAGE_SIZE, MAX_BACKGROUND, NOISE, JITTER = 64, 60, 8, 2
+N_OBJECTS_P = (0.5, 0.25, 0.25)  # P(1, 2, 3 objects); half single-object scenes helped learning (DESIGN 6)
+KIND_MIX = {"caption": 0.25, "question": 0.35, "task": 0.2, "interleaved": 0.2}  # default mix of shapes_sample
+
+
+def shape_mask(shape, s):
+    """Boolean (s, s) mask of a shape s px across, tested at pixel centres."""
+    u = np.arange(s) + 0.5 - s / 2  # pixel centres relative to the box centre, -s/2..s/2
+    y, x = u[:, None], u[None, :]   # (s, 1), (1, s): y grows downwards
+    if shape == "circle":
+        return x**2 + y**2 <= (s / 2) ** 2
+    if shape == "square":
+        return np.ones((s, s), dtype=bool)
+    if shape == "triangle":  # apex at the top centre, base the full bottom edge; each row as wide as the triangle at its lower edge
+        return np.abs(x) <= (y + 0.5 + s / 2) / 2
+    if shape == "cross":  # a plus sign; arm width an even number near s/3 (6 for 18, 4 for 10), so it stays symmetric
+        w = 2 * round(s / 6)
+        return (np.abs(x) <= w / 2) | (np.abs(y) <= w / 2)
+    raise ValueError(shape)
+
+
+MASKS = {(shape, size): shape_mask(shape, s) for shape in SHAPES for size, s in SIZES.items()}
+
+
+def random_scene(rng, n_objects=None, n_objects_p=N_OBJECTS_P):
+    """A scene: a dict with the background gray level and a list of objects in reading order
+    (row-major by cell), each a dict(shape, color, size, cell, cx, cy). All shapes differ, all colors differ."""
+    n = n_objects or 1 + int(rng.choice(len(n_objects_p), p=n_objects_p))
+    cells = np.sort(rng.permutation(9)[:n])
+    shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:n]]
+    colors = [list(COLORS)[i] for i in rng.permutation(len(COLORS))[:n]]
+    sizes = [list(SIZES)[i] for i in rng.integers(0, len(SIZES), n)]
+    jitter = rng.integers(-JITTER, JITTER + 1, (n, 2))  # (n, 2) x and y
+    objects = []
+    for cell, shape, color, size, (jx, jy) in zip(cells.tolist(), shapes, colors, sizes, jitter.tolist()):
+        objects.append(dict(shape=shape, color=color, size=size, cell=cell,
+                            cx=32 + 21 * (cell % 3 - 1) + jx, cy=32 + 21 * (cell // 3 - 1) + jy))
+    return dict(background=int(rng.integers(0, MAX_BACKGROUND + 1)), objects=objects)
+
+
+def render(scene, rng):
+    """The scene as a uint8 image (64, 64, 3); the background noise comes from `rng`.
+    60-80 us per image on a 2-core CPU (numpy 2.4; `python data.py` measures it)."""
+    noise = rng.integers(0, 2 * NOISE + 1, (IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)  # 0..16
+    gray = (noise.astype(np.int16) + (scene["background"] - NOISE)).clip(0, 255).astype(np.uint8)
+    img = np.repeat(gray[:, :, None], 3, axis=2)  # (H, W, 3), the same noise in all channels: it stays gray
+    for o in scene["objects"]:
+        s = SIZES[o["size"]]
+        y0, x0 = o["cy"] - s // 2, o["cx"] - s // 2
+        img[y0:y0 + s, x0:x0 + s][MASKS[o["shape"], o["size"]]] = COLORS[o["color"]]
+    return img
+
+
+def blank_image(rng=None, level=None):
+    """A background with no objects (noise included, as in real scenes): the 'blank image' baseline."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    level = int(rng.integers(0, MAX_BACKGROUND + 1)) if level is None else level
+    return render(dict(background=level, objects=[]), rng)
+
+
+# Text. These are the exact strings eval.py builds (DESIGN.md section 8).
+
+def caption(scene):
+    """'a large red circle at the top left and a small blue cross in the center.'
+    Objects in reading order, joined as 'a X', 'a X and a Y', 'a X, a Y and a Z'."""
+    parts = [f"a {o['size']} {o['color']} {o['shape']} {POSITION_PHRASES[o['cell']]}" for o in scene["objects"]]
+    text = parts[-1] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text + "."
+
+
+def question(scene, qtype, rng):
+    """A (question, answer) pair about the scene, of type qtype (one of QUESTION_TYPES)."""
+    objects = scene["objects"]
+    o = objects[rng.integers(len(objects))]
+    if qtype == "color":
+        return f"what color is the {o['shape']}?", o["color"]
+    if qtype == "shape":
+        return f"what shape is the {o['color']} object?", o["shape"]
+    if qtype == "count":
+        return "how many objects are there?", str(len(objects))
+    if qtype == "position":
+        return f"where is the {o['color']} {o['shape']}?", POSITIONS[o["cell"]]
+    if qtype == "exists":
+        # yes half of the time; the no cases are near misses: a present color with another
+        # shape, or a present shape with an absent color (sure to be absent: each color
+        # appears at most once in a scene)
+        if rng.random() < 0.5:
+            return f"is there a {o['color']} {o['shape']}?", "yes"
+        if rng.random() < 0.5:
+            shape = rng.choice([s for s in SHAPES if s != o["shape"]])
+            return f"is there a {o['color']} {shape}?", "no"
+        color = rng.choice([c for c in COLORS if c not in {p["color"] for p in objects}])
+        return f"is there a {color} {o['shape']}?", "no"
+    raise ValueError(f"unknown question type {qtype!r}; known: {QUESTION_TYPES}")
+
+
+def task_answer(scene, kind):
+    """The answer of a task-by-example chunk about a single-object scene: its color, shape, size or position."""
+    (o,) = scene["objects"]
+    return POSITIONS[o["cell"]] if kind == "position" else o[kind]
+
+
+def caption_chunk(text=None):
+    """'<image>Output:{text}<|endofchunk|>'; with text=None the prompt '<image>Output:' to be completed."""
+    return f"{IMAGE}Output:" + ("" if text is None else text + EOC)
+
+
+def question_chunk(q, a=None):
+    """'<image>Question:{q} Short answer:{a}<|endofchunk|>'; with a=None the prompt to be completed."""
+    return f"{IMAGE}Question:{q} Short answer:" + ("" if a is None else a + EOC)
+
+
+# Sequences. Each starts with <image> and ends with <|endofchunk|><|endoftext|>.
+
+SPLITS = {"train": 0, "val": 2**31, "test": 2**31 + 2**30}  # disjoint ranges of the sample key
+SPLIT_SIZE = {"train": 2**31, "val": 2**30, "test": 2**30}
+
+
+def sample_rng(split, seed, index):
+    """The generator of sample `index` of `split`: a pure function of (split, seed, index)."""
+    assert 0 <= index < SPLIT_SIZE[split] and 0 <= seed < 2**32, (split, seed, index)
+    return np.random.default_rng([seed, SPLITS[split] + index])  # two 32-bit words: no key aliases another
+
+
+def scene_chunk(rng, kind, qtype=None):
+    """One image-text chunk about a fresh scene: its caption, or a question (of type qtype, random if None)."""
+    scene = random_scene(rng)
+    if kind == "caption":
+        text = caption_chunk(caption(scene))
+    else:
+        text = question_chunk(*question(scene, qtype or str(rng.choice(QUESTION_TYPES)), rng))
+    return text, render(scene, rng)
+
+
+def shapes_sample(split, seed, index, kind=None, mix=KIND_MIX, qtype=None, task_kind=None, n_chunks=None):
+    """
+    Sample `index` of `split`: (text, images). kind:
+      "caption"     one image and its caption (an image-text pair, as in LAION)
+      "question"    one image, one question of type qtype (random if None) and its answer
+      "task"        task-by-example: n_chunks (2..8) single-object images, each followed by
+                    'Output:' and its color, shape, size or position; one kind (task_kind)
+                    per sequence, told by nothing but the examples
+      "interleaved" n_chunks (2..4) caption or question chunks in a row, as in an MMC4 document
+      None          a kind drawn from `mix`
+    qtype, task_kind and n_chunks fix what is otherwise random (for eval and tests).
+    """
+    rng = sample_rng(split, seed, index)
+    if kind is None:
+        kind = str(rng.choice(list(mix), p=np.array(list(mix.values())) / sum(mix.values())))
+    chunks = []  # (text, image)
+    if kind in ("caption", "question"):
+        chunks.append(scene_chunk(rng, kind, qtype))
+    elif kind == "task":
+        task_kind = task_kind or str(rng.choice(TASK_KINDS))
+        for _ in range(n_chunks or rng.integers(2, 9)):
+            scene = random_scene(rng, n_objects=1)
+            chunks.append((caption_chunk(task_answer(scene, task_kind)), render(scene, rng)))
+    elif kind == "interleaved":
+        for _ in range(n_chunks or rng.integers(2, 5)):
+            chunks.append(scene_chunk(rng, str(rng.choice(["caption", "question"]))))
+    else:
+        raise ValueError(f"unknown kind {kind!r}; known: {list(KIND_MIX)}")
+    return "".join(t for t, _ in chunks) + EOT, [img for _, img in chunks]
+
+
+# -----------------------------------------------------------------------------
+# 3. Batching and labels (DESIGN.md section 7)
+
+def chunk_mask(idx, image_id, eoc_id):
+    """
+    (B, T) bool: True where a token belongs to the text of a chunk, i.e. comes after an <image>
+    and no later than the <|endofchunk|> that closes it (the EOC itself included). False for
+    <image> tokens, tokens before the first <image> and text between an EOC and the next <image>
+    (so the <|endoftext|> after the last EOC is False: a document's end is not predicted).
+    """
+    B, T = idx.shape
+    pos = torch.arange(T).expand(B, T)                                     # (B, T)
+    last_image = torch.where(idx == image_id, pos, -1).cummax(1).values   # (B, T) last <image> at or before t
+    last_eoc = torch.where(idx == eoc_id, pos, -1).cummax(1).values       # (B, T) last EOC at or before t
+    last_eoc_before = torch.cat([torch.full((B, 1), -1), last_eoc[:, :-1]], 1)  # strictly before t
+    return (idx != image_id) & (last_image > last_eoc_before)
+
+
+def collate(samples, tokenizer, block_size, image_mean=CLIP_MEAN, image_std=CLIP_STD):
+    """
+    samples: list of (text markup, list of uint8 (H, W, 3) images) -> (images, idx, targets):
+      images  (N, 1, 3, H, W) float32, normalised, the N images of the batch in the order of
+              their <image> tokens, row by row (F = 1 frame each); None when N == 0
+      idx     (B, T) long, T = the longest row (<= block_size), right-padded with <|endoftext|>
+      targets (B, T) long, targets[b, t] = idx[b, t+1] where that token is chunk text, else -1
+    Rows longer than block_size are cut, and with them the images whose <image> token was cut.
+    """
+    rows, images = [], []
+    for text, imgs in samples:
+        ids = tokenizer.encode_markup(text)
+        assert ids.count(tokenizer.image_id) == len(imgs), f"{ids.count(tokenizer.image_id)} <image> tokens, {len(imgs)} images"
+        ids = ids[:block_size]
+        rows.append(ids)
+        images += imgs[:ids.count(tokenizer.image_id)]  # the images whose <image> token survived
+    T = max(len(r) for r in rows)
+    idx = torch.full((len(rows), T), tokenizer.eot_id, dtype=torch.long)  # (B, T)
+    is_real = torch.zeros(len(rows), T, dtype=torch.bool)                  # (B, T) False on padding
+    for b, r in enumerate(rows):
+        idx[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+        is_real[b, :len(r)] = True
+    is_target = chunk_mask(idx, tokenizer.image_id, tokenizer.eoc_id) & is_real
+    targets = torch.full_like(idx, -1)
+    targets[:, :-1] = torch.where(is_target[:, 1:], idx[:, 1:], -1)
+    if not images:
+        return None, idx, targets
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W) in [0, 1]
+    mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((x - mean) / std).unsqueeze(1), idx, targets  # (N, 1, 3, H, W)
+
+
+def batch_indices(step, micro_step, grad_accum, rank, world_size, batch_size):
+    """
+    The global sample indices of one micro-batch. Optimizer step `step` consumes the G
+    samples step*G .. step*G + G-1, G = batch_size * grad_accum * world_size; rank r takes the
+    r-th contiguous block of grad_accum * batch_size, one batch_size slice per micro-step.
+    So 1 process with grad_accum=2 sees exactly the samples of 2 processes with grad_accum=1.
+    """
+    G = batch_size * grad_accum * world_size
+    start = step * G + (rank * grad_accum + micro_step) * batch_size
+    return range(start, start + batch_size)
+
+
+def get_batch(split, seed, step, micro_step, grad_accum, rank, world_size, batch_size,
+              tokenizer, block_size, mean=CLIP_MEAN, std=CLIP_STD, kind=None, **opts):
+    """One micro-batch of the shapes world, (images, idx, targets) as collate() returns them, on the CPU.
+    Its content depends only on (split, seed, global sample index); opts go to shapes_sample()."""
+    indices = batch_indices(step, micro_step, grad_accum, rank, world_size, batch_size)
+    samples = [shapes_sample(split, seed, i, kind, **opts) for i in indices]
+    return collate(samples, tokenizer, block_size, mean, std)
+
+
+if __name__ == "__main__":  # python data.py: a few samples and the render speed
+    import timeit
+    for i in range(4):
+        text, images = shapes_sample("train", 0, i)
+        print(f"{len(images)} images | {text}")
+    rng = np.random.default_rng(0)
+    scenes = [random_scene(rng) for _ in range(1000)]
+    t = timeit.timeit(lambda: [render(s, rng) for s in scenes], number=5) / 5000
+    t2 = timeit.timeit(lambda: shapes_sample("train", 0, 0, "caption"), number=2000) / 2000
+    print(f"render: {t * 1e6:.0f} us per image; a caption sample (scene, render, text): {t2 * 1e6:.0f} us")

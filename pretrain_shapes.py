@@ -1,0 +1,156 @@
+"""
+Stage 1 of the shapes world: the stand-ins for the pretrained models that a real Flamingo downloads.
+
+Flamingo never trains its vision encoder or its LM: it takes a contrastively pretrained image encoder
+and a pretrained LM and freezes both (paper section 3). Offline there is nothing to download, so this
+file makes the two in about two minutes, then train.py freezes them exactly as it would a real CLIP
+and GPT-2:
+
+1. the LM: a small byte-level GPT-2 trained on the *text* of shapes sequences, images removed and
+   `<|endofchunk|>` written as a newline. It learns the formats and, from task-by-example text, to
+   answer in the kind its examples use; it cannot know what any image shows.
+   Saved in the Hugging Face layout (config.json + model.safetensors), loaded by LM.from_pretrained.
+2. the vision encoder: the open_clip ViT "shapes-vit" (config/clip), trained to tell, for every patch
+   token, the shape, color and size of the object under it and that object's cell. This replaces
+   CLIP's contrastive pretraining, which collapsed at this scale (DESIGN section 6). Saved as an
+   open_clip weights file, loaded with `clip_pretrained=<file>`.
+
+    python pretrain_shapes.py --out_dir=out-shapes/pretrained
+"""
+
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from model import LM, LMConfig, VisionEncoder, save_pretrained, _register_clip_configs
+
+# -----------------------------------------------------------------------------
+# 1. The language model
+
+
+def lm_text(text):
+    """A Flamingo sequence as the LM sees it in stage 1: no images, chunks ended by a newline."""
+    return text.replace(data.IMAGE, "").replace(data.EOC, "\n")
+
+
+def pretrain_lm(out, iters=300, batch_size=32, lr=3e-3, seed=0, n_layer=4, n_embd=128, n_head=4, log=print):
+    torch.manual_seed(seed)
+    tok = data.get_tokenizer("bytes")
+    cfg = LMConfig(arch="gpt2", vocab_size=tok.base_n_vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                   block_size=512)
+    lm = LM(cfg)
+    opt = torch.optim.AdamW(lm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    t0 = time.time()
+    for it in range(iters):
+        rows = [tok.encode_markup(lm_text(data.shapes_sample("train", seed, it * batch_size + b)[0]))[:cfg.block_size]
+                for b in range(batch_size)]
+        T = max(len(r) for r in rows)
+        idx = torch.full((batch_size, T), tok.eot_id)
+        targets = torch.full((batch_size, T), -1)
+        for b, r in enumerate(rows):
+            idx[b, :len(r)] = torch.tensor(r)
+            targets[b, :len(r) - 1] = torch.tensor(r[1:])
+        for g in opt.param_groups:  # linear warmup over 30 steps, then cosine to 10%
+            g["lr"] = lr * min(1, (it + 1) / 30) * (0.55 + 0.45 * np.cos(np.pi * it / iters))
+        _, loss = lm(idx, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        if it % 50 == 0 or it == iters - 1:
+            log(f"lm    step {it:4d} loss {loss.item():.3f}  ({time.time() - t0:.0f}s)")
+    save_pretrained(lm, out)
+    return lm
+
+
+# -----------------------------------------------------------------------------
+# 2. The vision encoder
+
+PATCH = 8  # shapes-vit: 64 x 64 pixels in 8 x 8 patches
+
+
+def patch_labels(scene):
+    """For each of the 8 x 8 patches: (shape, color, size, cell) of the object covering most of it,
+    0 = nothing (shapes, colors and sizes are 1-based); cell is the patch's own cell when empty."""
+    owner = np.zeros((data.IMAGE_SIZE, data.IMAGE_SIZE), dtype=np.int64)  # 0 = background, k = object k
+    for k, o in enumerate(scene["objects"], 1):
+        s = data.SIZES[o["size"]]
+        y0, x0 = o["cy"] - s // 2, o["cx"] - s // 2
+        owner[y0:y0 + s, x0:x0 + s][data.MASKS[o["shape"], o["size"]]] = k
+    n = data.IMAGE_SIZE // PATCH
+    counts = np.stack([(owner == k).reshape(n, PATCH, n, PATCH).sum((1, 3)) for k in range(len(scene["objects"]) + 1)])
+    counts[0] = np.where(counts[1:].max(0, initial=0) >= 6, 0, 64)  # an object owns a patch from 6 pixels up
+    who = counts.argmax(0).reshape(-1)  # (64,) object index per patch
+    centre = (np.arange(n) * PATCH + PATCH // 2) * 3 // data.IMAGE_SIZE  # grid row/col of patch centres
+    own_cell = (centre[:, None] * 3 + centre[None, :]).reshape(-1)
+    labels = np.zeros((n * n, 4), dtype=np.int64)
+    for p, k in enumerate(who):
+        if k == 0:
+            labels[p] = (0, 0, 0, own_cell[p])
+        else:
+            o = scene["objects"][k - 1]
+            labels[p] = (1 + data.SHAPES.index(o["shape"]), 1 + list(data.COLORS).index(o["color"]),
+                         1 + list(data.SIZES).index(o["size"]), o["cell"])
+    return labels
+
+
+HEADS = (1 + len(data.SHAPES), 1 + len(data.COLORS), 1 + len(data.SIZES), 9)
+
+
+def pretrain_vision(out, iters=300, batch_size=64, lr=1e-3, seed=0, log=print):
+    import open_clip
+    from safetensors.torch import save_file
+    torch.manual_seed(seed)
+    _register_clip_configs()
+    clip = open_clip.create_model("shapes-vit")
+    enc = VisionEncoder.__new__(VisionEncoder)  # the same forward Flamingo uses, on this model's tower
+    nn.Module.__init__(enc)
+    enc.visual, enc.ln_post = clip.visual, True
+    mean = torch.tensor(data.CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(data.CLIP_STD).view(1, 3, 1, 1)
+    head = nn.Linear(clip.visual.transformer.width, sum(HEADS))
+    params = list(clip.visual.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng([seed, 7])
+    t0 = time.time()
+    for it in range(iters):
+        scenes = [data.random_scene(rng) for _ in range(batch_size)]
+        x = torch.from_numpy(np.stack([data.render(s, rng) for s in scenes])).permute(0, 3, 1, 2).float() / 255
+        y = torch.from_numpy(np.stack([patch_labels(s) for s in scenes]))  # (B, 64, 4)
+        logits = head(enc((x - mean) / std)).split(HEADS, dim=-1)         # 4 x (B, 64, classes)
+        losses = [F.cross_entropy(l.flatten(0, 1), y[..., j].flatten()) for j, l in enumerate(logits)]
+        loss = sum(losses)
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1, (it + 1) / 30) * (0.55 + 0.45 * np.cos(np.pi * it / iters))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if it % 50 == 0 or it == iters - 1:
+            acc = [(l.argmax(-1) == y[..., j]).float().mean().item() for j, l in enumerate(logits)]
+            log(f"vision step {it:4d} loss {loss.item():.3f} patch accuracy shape/color/size/cell "
+                + "/".join(f"{a:.2f}" for a in acc) + f"  ({time.time() - t0:.0f}s)")
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, out)
+    return clip
+
+
+def pretrain(lm_dir, vision_file, lm_iters=300, vision_iters=300, seed=0, log=print):
+    """Both stand-ins, into lm_dir and vision_file, skipping any already there."""
+    os.makedirs(os.path.dirname(os.path.abspath(vision_file)), exist_ok=True)
+    if not os.path.exists(os.path.join(lm_dir, "model.safetensors")):
+        pretrain_lm(lm_dir, iters=lm_iters, seed=seed, log=log)
+    if not os.path.exists(vision_file):
+        pretrain_vision(vision_file, iters=vision_iters, seed=seed, log=log)
+    return lm_dir, vision_file
+
+
+if __name__ == "__main__":
+    import sys
+    from configurator import configure
+    out_dir, lm_iters, vision_iters, seed = "out-shapes/pretrained", 300, 300, 0
+    configure(globals(), sys.argv[1:])
+    pretrain(os.path.join(out_dir, "lm"), os.path.join(out_dir, "vision.safetensors"), lm_iters, vision_iters, seed)

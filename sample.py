@@ -1,0 +1,113 @@
+"""
+Caption an image, or answer about it, with a trained Flamingo:
+
+    python sample.py --image cat.jpg
+    python sample.py --image cat.jpg --prompt "<image>Question:what color is the circle? Short answer:"
+
+Few-shot prompts are written inline: one `--image` per `<image>` in the prompt, in order.
+
+    python sample.py --image a.png --image b.png --image c.png \
+        --prompt "<image>Output:red<|endofchunk|><image>Output:blue<|endofchunk|><image>Output:"
+
+The continuation is printed as it is generated; the last line of output is the continuation.
+"""
+
+import os
+import sys
+
+import torch
+
+# -----------------------------------------------------------------------------
+init_from = "out-shapes"      # an out_dir of train.py (or its ckpt.pt)
+prompt = None                 # None: the captioning prompt "<image>Output:" (one image only)
+max_new_tokens = 40
+temperature = 0.0             # 0 = greedy
+top_k = None
+top_p = None
+num_beams = 1
+seed = 1337
+device = "cpu"
+# --image may repeat, so it is taken out of the arguments before the configurator sees them
+image = []
+argv, i = [], 0
+while i < len(sys.argv[1:]):
+    a = sys.argv[1 + i]
+    if a == "--image" and i + 1 < len(sys.argv[1:]):
+        image.append(sys.argv[2 + i])
+        i += 2
+        continue
+    if a.startswith("--image="):
+        image.append(a.split("=", 1)[1])
+    else:
+        argv.append(a)
+    i += 1
+from configurator import configure  # noqa: E402
+configure(globals(), argv)
+# -----------------------------------------------------------------------------
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+ckpt = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) or not init_from.endswith(".pt") else init_from
+if not os.path.exists(ckpt):
+    fail(f"no checkpoint at {ckpt}. Train one first:  python train.py config/train_shapes.py"
+         + ("" if init_from == "out-shapes" else f" --out_dir={init_from}"))
+if not image:
+    fail("give an image: python sample.py --image cat.jpg")
+
+import data  # noqa: E402
+from model import Flamingo  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+torch.manual_seed(seed)
+model, _ = Flamingo.from_checkpoint(ckpt, verbose=False)
+model.eval().to(device)
+tok = data.get_tokenizer(_["config"].get("tokenizer", "bytes") if "config" in _ else "bytes",
+                         lm_vocab_size=model.lm.config.vocab_size)
+
+# images: CLIP's evaluation preprocessing (resize the short side, centre crop, normalise)
+import open_clip  # noqa: E402
+preprocess = open_clip.image_transform(model.vision.image_size, is_train=False, mean=model.vision.mean, std=model.vision.std)
+pixels = []
+for path in image:
+    try:
+        with Image.open(path) as im:
+            pixels.append(preprocess(im.convert("RGB")))
+    except FileNotFoundError:
+        fail(f"image not found: {path}")
+    except (UnidentifiedImageError, OSError) as e:
+        fail(f"cannot read image {path}: {e}")
+images = torch.stack(pixels)[:, None].to(device)  # (N, 1, 3, H, W)
+
+if prompt is None:
+    if len(image) > 1:
+        fail(f"{len(image)} images: write a --prompt with one <image> for each")
+    prompt = data.IMAGE + "Output:"  # OpenFlamingo's captioning prompt
+ids = tok.encode_markup(prompt)
+if ids.count(tok.image_id) != len(image):
+    fail(f"the prompt has {ids.count(tok.image_id)} <image> markers but {len(image)} images were given")
+idx = torch.tensor([ids], device=device)
+
+new_ids = []
+
+
+def stream(token):
+    before = tok.decode(new_ids)
+    new_ids.append(token.item())
+    if token.item() != model.eoc_token_id:
+        print(tok.decode(new_ids)[len(before):], end="", flush=True)
+
+
+out = model.generate(images, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                     num_beams=num_beams, on_token=stream if num_beams == 1 else None)
+continuation = out[0, idx.shape[1]:].tolist()
+if model.eoc_token_id in continuation:
+    continuation = continuation[:continuation.index(model.eoc_token_id)]
+text = tok.decode(continuation)
+if num_beams == 1:
+    print()  # the streamed line already is the continuation
+else:
+    print(text)

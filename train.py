@@ -1,0 +1,255 @@
+"""
+Train a Flamingo: the resampler, the gated cross-attention blocks and the two new token rows, with the
+vision encoder and the LM frozen. One process:
+
+    python train.py config/train_shapes.py
+
+Several processes (DDP), on one node or many, through torchrun's environment variables:
+
+    torchrun --standalone --nproc_per_node=8 train.py config/train_shapes.py
+
+`gradient_accumulation_steps` is per process: the global batch is batch_size * gradient_accumulation_steps
+* world_size samples, and its content depends only on the data seed and the step, so 2 processes with
+accumulation 1 follow exactly the run of 1 process with accumulation 2.
+"""
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from model import Flamingo
+
+# -----------------------------------------------------------------------------
+# default config values (a config file and --key=value overrides change them: configurator.py)
+# I/O
+out_dir = "out"
+eval_interval = 200
+log_interval = 10
+eval_iters = 10               # validation batches per evaluation
+always_save_checkpoint = True  # at every eval, else only when the validation loss improves
+init_from = "scratch"         # "scratch" builds from lm/clip; "resume" continues out_dir/ckpt.pt
+wandb_log = False
+wandb_project = "flamingo"
+wandb_run_name = "run"
+# data
+dataset = "shapes"
+data_seed = 1337
+tokenizer = "bytes"
+batch_size = 16               # per micro-step and process
+gradient_accumulation_steps = 1  # per process
+block_size = 256
+# model (see model.FlamingoConfig)
+lm = ""                       # LM.from_pretrained path or hub id
+clip = "ViT-B-32"             # open_clip model name
+clip_pretrained = None        # open_clip tag or weights file
+pretrain_shapes = False       # make lm and clip_pretrained first if missing (pretrain_shapes.py)
+pretrain_lm_iters = 300
+pretrain_vision_iters = 300
+cross_attn_every_n_layers = 1
+resampler_depth = 6
+resampler_heads = 8
+resampler_dim_head = 64
+num_latents = 64
+xattn_heads = 8
+xattn_dim_head = 64
+only_attend_immediate_media = True
+freeze_lm = True
+freeze_vision = True
+# optimizer: AdamW, warmup then cosine decay
+learning_rate = 1e-4
+max_iters = 1000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0               # 0 disables
+decay_lr = True
+warmup_iters = 100
+lr_decay_iters = None         # None = max_iters
+min_lr = None                 # None = learning_rate / 10
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+compile = False
+backend = "nccl" if torch.cuda.is_available() else "gloo"
+seed = 1337
+# -----------------------------------------------------------------------------
+from configurator import configure  # noqa: E402
+config = configure(globals())
+lr_decay_iters = lr_decay_iters or max_iters
+min_lr = learning_rate / 10 if min_lr is None else min_lr
+# -----------------------------------------------------------------------------
+
+ddp = int(os.environ.get("RANK", -1)) != -1
+if ddp:
+    dist.init_process_group(backend=backend)
+    rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+if master:
+    print(f"global batch: {batch_size * gradient_accumulation_steps * world_size} samples "
+          f"({world_size} processes x {gradient_accumulation_steps} micro-steps x {batch_size})")
+os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(seed)  # the same initial weights on every process
+device_type = "cuda" if "cuda" in device else "cpu"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+# model
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "resume":
+    model, checkpoint = Flamingo.from_checkpoint(ckpt_path, verbose=master)
+    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+else:
+    if pretrain_shapes:  # the shapes world's stand-ins for a pretrained LM and CLIP
+        if master:
+            from pretrain_shapes import pretrain
+            pretrain(lm, clip_pretrained, pretrain_lm_iters, pretrain_vision_iters, seed)
+        if ddp:
+            dist.barrier()
+    model = Flamingo.from_pretrained(
+        lm=lm, clip=clip, clip_pretrained=clip_pretrained, cross_attn_every_n_layers=cross_attn_every_n_layers,
+        resampler_depth=resampler_depth, resampler_heads=resampler_heads, resampler_dim_head=resampler_dim_head,
+        num_latents=num_latents, xattn_heads=xattn_heads, xattn_dim_head=xattn_dim_head,
+        only_attend_immediate_media=only_attend_immediate_media, freeze_lm=freeze_lm, freeze_vision=freeze_vision,
+        verbose=master)
+    checkpoint, iter_num, best_val_loss = None, 0, float("inf")
+model.to(device)
+tok = data.get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size)
+assert (tok.image_id, tok.eoc_id) == (model.media_token_id, model.eoc_token_id)
+mean, std = model.vision.mean, model.vision.std
+
+# optimizer: weight decay on the trained matrices only (not on norms, gates, latents or token rows)
+params = [p for p in model.parameters() if p.requires_grad]
+decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "latents" not in n and "new_" not in n]
+decay_ids = {id(p) for p in decay}
+optimizer = torch.optim.AdamW([
+    {"params": decay, "weight_decay": weight_decay},
+    {"params": [p for p in params if id(p) not in decay_ids], "weight_decay": 0.0},
+], lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"])
+checkpoint = None  # free memory
+
+raw_model = model  # what is saved: never the DDP or compiled wrapper
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+
+def get_batch(split, step, micro_step, n_micro=gradient_accumulation_steps, r=rank, ws=world_size):
+    images, idx, targets = data.get_batch(split, data_seed, step, micro_step, n_micro, r, ws, batch_size,
+                                          tok, block_size, mean, std)
+    to = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    return to(images), to(idx), to(targets)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters fixed validation batches, shared across processes."""
+    model.eval()
+    losses = torch.zeros(eval_iters, device=device)
+    for k in range(eval_iters):
+        images, idx, targets = get_batch("val", k, 0, 1)
+        with autocast:
+            losses[k] = model(images, idx, targets)[1]
+    if ddp:
+        dist.all_reduce(losses, op=dist.ReduceOp.AVG)
+    model.train()
+    return losses.mean().item()
+
+
+def get_lr(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if not decay_lr:
+        return learning_rate
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def gates():
+    """tanh of every gate: how open each GATED XATTN-DENSE block is (0 = the bare LM)."""
+    return {f"{i}.{g}": round(math.tanh(getattr(blk, g).item()), 4)
+            for i, blk in raw_model.xattn.items() for g in ("attn_gate", "ff_gate")}
+
+
+def log(record):
+    if master:
+        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+if wandb_log and master:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+# the training loop
+t0 = time.time()
+while True:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        val_loss = estimate_loss()
+        if master:
+            print(f"step {iter_num}: val loss {val_loss:.4f}")
+            log({"iter": iter_num, "val_loss": val_loss})
+            if wandb_log:
+                wandb.log({"iter": iter_num, "val/loss": val_loss})
+        if iter_num > 0 and (val_loss < best_val_loss or always_save_checkpoint):
+            best_val_loss = min(best_val_loss, val_loss)
+            if master:
+                raw_model.save_checkpoint(ckpt_path, optimizer=optimizer.state_dict(), iter_num=iter_num,
+                                          best_val_loss=best_val_loss, config=config, rng=torch.get_rng_state())
+                print(f"saved {ckpt_path}")
+    if iter_num >= max_iters:
+        break
+
+    # one optimizer step over gradient_accumulation_steps micro-batches
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(gradient_accumulation_steps):
+        images, idx, targets = get_batch("train", iter_num, micro_step)
+        if ddp:  # synchronise gradients on the last micro-step only
+            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        with autocast:
+            _, loss = model(images, idx, targets)
+        (loss / gradient_accumulation_steps).backward()
+        loss_sum += loss.detach()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        loss_avg = loss_sum / gradient_accumulation_steps
+        if ddp:
+            dist.all_reduce(loss_avg, op=dist.ReduceOp.AVG)  # the loss of the whole global batch
+        dt, t0 = time.time() - t0, time.time()
+        sps = log_interval * batch_size * gradient_accumulation_steps * world_size / dt
+        if master:
+            g = gates()
+            print(f"iter {iter_num}: loss {loss_avg.item():.4f}, lr {lr:.2e}, {sps:.1f} samples/s, "
+                  f"mean |tanh gate| {sum(abs(v) for v in g.values()) / len(g):.3f}")
+            log({"iter": iter_num, "loss": loss_avg.item(), "lr": lr, "samples_per_s": sps, "gates": g})
+            if wandb_log:
+                wandb.log({"iter": iter_num, "train/loss": loss_avg.item(), "lr": lr, **g})
+
+if ddp:
+    dist.destroy_process_group()
