@@ -136,7 +136,7 @@ QUESTION_TYPES = ("color", "shape", "count", "position", "exists")
 TASK_KINDS = ("color", "shape", "size", "position")
 IMAGE_SIZE, MAX_BACKGROUND, NOISE, JITTER = 64, 60, 8, 2
 N_OBJECTS_P = (0.5, 0.25, 0.25)  # P(1, 2, 3 objects); half single-object scenes helped learning (DESIGN 6)
-KIND_MIX = {"caption": 0.25, "question": 0.35, "task": 0.2, "interleaved": 0.2}  # default mix of shapes_sample
+KIND_MIX = {"caption": 0.2, "question": 0.4, "task": 0.3, "interleaved": 0.1}  # default mix of shapes_sample
 
 
 def shape_mask(shape, s):
@@ -362,12 +362,34 @@ def batch_indices(step, micro_step, grad_accum, rank, world_size, batch_size):
     return range(start, start + batch_size)
 
 
+MAX_PER_ROW = 16  # samples one packed row may hold
+
+
+def packed_sample(split, seed, row, tokenizer, block_size, kind=None, **opts):
+    """Row `row` of a packed batch: consecutive samples row*16, row*16 + 1, ... joined while they fit in
+    block_size tokens (at least one, cut if it alone is too long). Packing wastes no compute on padding,
+    as nanoGPT packs documents; each sample begins with <image>, so cross-attention never mixes samples
+    (xattn.py), and <|endoftext|> separates them for self-attention. A pure function of (split, seed, row)."""
+    text, images, n = "", [], 0
+    for j in range(MAX_PER_ROW):
+        t, ims = shapes_sample(split, seed, row * MAX_PER_ROW + j, kind, **opts)
+        length = len(tokenizer.encode_markup(t))
+        if j > 0 and n + length > block_size:
+            break
+        text, images, n = text + t, images + ims, n + length
+    return text, images
+
+
 def get_batch(split, seed, step, micro_step, grad_accum, rank, world_size, batch_size,
-              tokenizer, block_size, mean=CLIP_MEAN, std=CLIP_STD, kind=None, **opts):
+              tokenizer, block_size, mean=CLIP_MEAN, std=CLIP_STD, kind=None, pack=False, **opts):
     """One micro-batch of the shapes world, (images, idx, targets) as collate() returns them, on the CPU.
-    Its content depends only on (split, seed, global sample index); opts go to shapes_sample()."""
+    Its content depends only on (split, seed, global index); opts go to shapes_sample(). With pack=True
+    the global index is that of a row of samples packed to block_size tokens (packed_sample)."""
     indices = batch_indices(step, micro_step, grad_accum, rank, world_size, batch_size)
-    samples = [shapes_sample(split, seed, i, kind, **opts) for i in indices]
+    if pack:
+        samples = [packed_sample(split, seed, i, tokenizer, block_size, kind, **opts) for i in indices]
+    else:
+        samples = [shapes_sample(split, seed, i, kind, **opts) for i in indices]
     return collate(samples, tokenizer, block_size, mean, std)
 
 

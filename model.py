@@ -603,6 +603,8 @@ class Flamingo(nn.Module):
     def embed_tokens(self, idx):
         """Token embeddings (B, T, C): the frozen LM table, and the new trained rows for ids >= V."""
         V = self.lm.config.vocab_size
+        if idx.numel() and (idx.max() >= V + 2 or idx.min() < 0):
+            raise ValueError(f"token ids must be in [0, {V + 2}): the LM's {V} and <image>, <|endofchunk|>")
         x = self.lm.transformer.wte(idx.clamp(max=V - 1))
         new = (idx >= V)[..., None]
         return torch.where(new, self.new_wte[(idx - V).clamp(min=0, max=1)].to(x.dtype), x)
@@ -655,14 +657,14 @@ class Flamingo(nn.Module):
         step = self._stepper(images, idx, use_cache)
         logits = step(idx)                                            # (B, V + 2) at the last position
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p)     # (B, 1)
             nxt = torch.where(done[:, None], stop, nxt)
             idx = torch.cat([idx, nxt], dim=1)
             done |= nxt[:, 0] == stop
             if on_token is not None:
                 on_token(nxt)
-            if done.all():
+            if done.all() or i == max_new_tokens - 1:
                 break
             logits = step(nxt)
         return idx
@@ -715,7 +717,8 @@ class Flamingo(nn.Module):
         seqs = idx.repeat_interleave(nb, dim=0)                        # (B*nb, T)
         scores = torch.full((B, nb), -float("inf"), device=idx.device)
         scores[:, 0] = 0.0                                             # beams start identical: keep one
-        finished = [[] for _ in range(B)]                              # (score, tokens) per row
+        finished = [[] for _ in range(B)]                              # the best nb (score, tokens) per row
+        row_done = [False] * B
         logits = step(idx)
         for t in range(1, max_new_tokens + 1):
             logp = F.log_softmax(logits, dim=-1).view(B, nb, -1)      # (B, nb, V)
@@ -725,6 +728,8 @@ class Flamingo(nn.Module):
             rows, new_tokens, new_scores = [], [], []
             for b in range(B):
                 keep = []
+                if row_done[b]:  # a finished row idles until the others finish
+                    top[b] = -float("inf")
                 for rank, (s, p) in enumerate(zip(top[b].tolist(), pos[b].tolist())):
                     beam, tok = divmod(p, V)
                     if s == -float("inf"):
@@ -732,7 +737,8 @@ class Flamingo(nn.Module):
                     if tok == stop:
                         if rank < nb:  # only a top-nb candidate may finish
                             hyp = torch.cat([seqs[b * nb + beam, T:], seqs.new_tensor([tok])])
-                            finished[b].append((s / t ** length_penalty, hyp))
+                            finished[b] = sorted(finished[b] + [(s / t ** length_penalty, hyp)],
+                                                 key=lambda h: -h[0])[:nb]  # the best nb only
                     else:
                         keep.append((s, beam, tok))
                     if len(keep) == nb:
@@ -747,9 +753,9 @@ class Flamingo(nn.Module):
             new = torch.tensor(new_tokens, device=idx.device)[:, None]
             seqs = torch.cat([seqs[rows], new], dim=1)
             scores = torch.tensor(new_scores, device=idx.device).view(B, nb)
-            done = [len(f) >= nb and min(f, key=lambda h: h[0])[0] >= scores[b].max().item() / t ** length_penalty
-                    for b, f in enumerate(finished)]
-            if all(done) or t == max_new_tokens:
+            row_done = [d or (len(f) >= nb and f[-1][0] >= scores[b].max().item() / t ** length_penalty)
+                        for b, (d, f) in enumerate(zip(row_done, finished))]
+            if all(row_done) or t == max_new_tokens:
                 break
             step.reorder(rows)
             logits = step(new)
@@ -757,7 +763,9 @@ class Flamingo(nn.Module):
         for b in range(B):
             live = [(scores[b, j].item() / t ** length_penalty, seqs[b * nb + j, T:]) for j in range(nb)
                     if scores[b, j] > -float("inf")]
-            best = max(finished[b] + (live if len(finished[b]) < nb else []), key=lambda h: h[0])[1]
+            if not row_done[b]:  # the length limit was hit: live beams compete with the finished ones
+                finished[b] = finished[b] + live
+            best = max(finished[b], key=lambda h: h[0])[1]
             out.append(best)
         L = max(len(o) for o in out)
         out = [torch.cat([o, o.new_full((L - len(o),), stop)]) for o in out]
@@ -773,6 +781,9 @@ class Flamingo(nn.Module):
         """Write {"flamingo_config", "model" (trained parts only), **extra} atomically: a temp file, then a
         rename, so a run killed mid-write leaves the previous checkpoint whole."""
         ckpt = {"flamingo_config": asdict(self.config), "model": self.trained_state_dict(), **extra}
+        if self.config.clip_pretrained is None and self.config.freeze_vision:
+            # a randomly initialised tower cannot be rebuilt from its name alone: keep its weights
+            ckpt["vision"] = {k: v.detach() for k, v in self.vision.state_dict().items()}
         atomic_save(ckpt, path)
 
     @classmethod
@@ -788,6 +799,8 @@ class Flamingo(nn.Module):
                 cfg[key] = os.path.join(base, cfg[key])
         model = cls.from_pretrained(verbose=verbose, **cfg)
         model.load_trained(ckpt["model"])
+        if "vision" in ckpt:
+            model.vision.load_state_dict(ckpt["vision"], strict=True)
         model.config = FlamingoConfig(**ckpt["flamingo_config"])
         return model, ckpt
 

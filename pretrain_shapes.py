@@ -38,7 +38,8 @@ def lm_text(text):
     return text.replace(data.IMAGE, "").replace(data.EOC, "\n")
 
 
-def pretrain_lm(out, iters=300, batch_size=32, lr=3e-3, seed=0, n_layer=4, n_embd=128, n_head=4, log=print):
+def pretrain_lm(out, iters=300, batch_size=16, block_size=256, lr=3e-3, seed=0, n_layer=4, n_embd=64, n_head=4,
+                log=print):
     torch.manual_seed(seed)
     tok = data.get_tokenizer("bytes")
     cfg = LMConfig(arch="gpt2", vocab_size=tok.base_n_vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
@@ -47,8 +48,8 @@ def pretrain_lm(out, iters=300, batch_size=32, lr=3e-3, seed=0, n_layer=4, n_emb
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     t0 = time.time()
     for it in range(iters):
-        rows = [tok.encode_markup(lm_text(data.shapes_sample("train", seed, it * batch_size + b)[0]))[:cfg.block_size]
-                for b in range(batch_size)]
+        rows = [tok.encode_markup(lm_text(data.packed_sample("train", seed, it * batch_size + b, tok, block_size)[0]))
+                for b in range(batch_size)]  # rows of whole samples packed up to block_size tokens
         T = max(len(r) for r in rows)
         idx = torch.full((batch_size, T), tok.eot_id)
         targets = torch.full((batch_size, T), -1)

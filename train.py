@@ -45,6 +45,7 @@ tokenizer = "bytes"
 batch_size = 16               # per micro-step and process
 gradient_accumulation_steps = 1  # per process
 block_size = 256
+pack = True                   # pack several samples into each row of block_size tokens (data.packed_sample)
 # model (see model.FlamingoConfig)
 lm = ""                       # LM.from_pretrained path or hub id
 clip = "ViT-B-32"             # open_clip model name
@@ -151,7 +152,7 @@ if ddp:
 
 def get_batch(split, step, micro_step, n_micro=gradient_accumulation_steps, r=rank, ws=world_size):
     images, idx, targets = data.get_batch(split, data_seed, step, micro_step, n_micro, r, ws, batch_size,
-                                          tok, block_size, mean, std)
+                                          tok, block_size, mean, std, pack=pack)
     to = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
     return to(images), to(idx), to(targets)
 

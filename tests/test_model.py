@@ -13,7 +13,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import xattn
 from model import LM, Flamingo, LMConfig, save_pretrained
@@ -87,7 +86,7 @@ def assets(tmp_path_factory):
     clip = open_clip.create_model("flamingo-tiny")
     clip_path = str(root / "clip.pt")
     torch.save(clip.state_dict(), clip_path)
-    return dict(lm=lm_dirs, clip=clip_path, root=root)
+    return dict(lm=lm_dirs, clip=clip_path)
 
 
 @pytest.fixture(scope="module")
@@ -136,18 +135,20 @@ def test_closed_gates_equal_bare_lm(fresh, arch):
     assert logits.shape == (2, 20, V + 2)
     assert torch.equal(logits[..., :V], ref)
 
-    # With images: images change nothing, and with the <image> row set to an LM row the logits are
-    # exactly the LM's on the text where that LM token stands in for <image>.
+    # With images: images change nothing, and with the new embedding rows set to LM rows the logits are
+    # exactly the LM's on the text where those LM tokens stand in for <image> and <|endofchunk|>.
     idx_img = idx.clone()
     idx_img[0, [3, 9]] = IMG
     idx_img[1, 0] = IMG
+    idx_img[1, [4, 15]] = EOC
     a = logits_of(m, images_for(3, 0), idx_img)
     b = logits_of(m, images_for(3, 1) * 3, idx_img)
     assert torch.equal(a, b)
     m2 = copy.deepcopy(m)
     with torch.no_grad():
         m2.new_wte[0] = m2.lm.transformer.wte.weight[7]
-    sub = torch.where(idx_img == IMG, 7, idx_img)
+        m2.new_wte[1] = m2.lm.transformer.wte.weight[9]
+    sub = torch.where(idx_img == IMG, 7, torch.where(idx_img == EOC, 9, idx_img))
     with torch.no_grad():
         assert torch.equal(logits_of(m2, images_for(3, 0), idx_img)[..., :V], m2.lm(sub)[0])
 
@@ -398,7 +399,7 @@ def test_resampler():
             rs0(torch.randn(2, 2, 4, 16))
 
 
-def test_video_through_model(opened, assets):
+def test_video_through_model(opened):
     """Videos (F > 1) flow through the whole model; F > max_num_frames is refused."""
     src = opened["llama"]
     cfg = dataclasses.replace(src.config, max_num_frames=2)
@@ -469,20 +470,41 @@ def test_beam_search(opened, arch):
     assert (out[:, 7:] != IMG).all()
 
 
+def favour_(m, images, idx, row):
+    """Make new token `row` (0 <image>, 1 <|endofchunk|>) the model's favourite after the prompt: its
+    output row points along the final hidden states of the last prompt tokens."""
+    hs = {}
+    hook = m.lm.transformer.ln_f.register_forward_hook(lambda mod, a, out: hs.__setitem__("h", out))
+    logits_of(m, images, idx)
+    hook.remove()
+    h = hs["h"][:, -1]
+    with torch.no_grad():
+        m.new_lm_head[row] = 1e3 * h.sum(0) / h.norm(dim=-1).pow(2).sum()
+    assert (logits_of(m, images, idx)[:, -1].argmax(-1) == V + row).all()
+
+
 def test_generation_stops_at_eoc(opened):
     m = copy.deepcopy(opened["llama"])
     idx, images = gen_prompt()
-    # Make <|endofchunk|> the model's own favourite: its output row along the final hidden states.
-    hs = {}
-    m.lm.transformer.ln_f.register_forward_hook(lambda mod, a, out: hs.__setitem__("h", out))
-    logits_of(m, images, idx)
-    with torch.no_grad():
-        m.new_lm_head[1] = 1e3 * hs["h"][:, -1].sum(0) / hs["h"][:, -1].norm(dim=-1).pow(2).sum()
+    favour_(m, images, idx, 1)
     for use_cache in (True, False):
         out = m.generate(images, idx, 5, temperature=0, use_cache=use_cache)
         assert torch.equal(out, torch.cat([idx, torch.full((2, 1), EOC)], dim=1)), out[:, 7:]
         out = m.generate(images, idx, 5, num_beams=3, use_cache=use_cache)
         assert torch.equal(out[:, 7:], torch.full((2, 1), EOC)), out[:, 7:]
+
+
+def test_generation_never_emits_image(opened):
+    """No image could follow a generated <image>: generation skips it, even when it is the favourite."""
+    m = copy.deepcopy(opened["llama"])
+    idx, images = gen_prompt()
+    favour_(m, images, idx, 0)
+    for use_cache in (True, False):
+        out = m.generate(images, idx, 4, temperature=0, use_cache=use_cache)
+        assert torch.equal(out, greedy_reference(m, images, idx, 4))
+        assert (out[:, 7:] != IMG).all()
+        assert (m.generate(images, idx, 4, num_beams=3, use_cache=use_cache)[:, 7:] != IMG).all()
+        assert (m.generate(images, idx, 4, temperature=5.0, use_cache=use_cache)[:, 7:] != IMG).all()
 
 
 def test_generation_pads_stopped_rows(opened, monkeypatch):
@@ -568,13 +590,19 @@ def test_training_step(fresh, arch):
     idx[1, 2] = IMG
     idx[0, 5] = EOC
     idx[1, 10] = EOC
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    # no weight decay: a parameter moves only if its gradient is not zero
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     _, loss = m(images_for(3, 0), idx[:, :-1], targets=idx[:, 1:])
     assert torch.isfinite(loss)
     loss.backward()
     opt.step()
 
     assert all(p.grad is None for p in m.lm.parameters()) and all(p.grad is None for p in m.vision.parameters())
+    # closed gates: only the gates and the new token rows get a gradient at step 0
+    assert m.new_wte.grad.abs().amax(-1).gt(0).all() and m.new_lm_head.grad.abs().amax(-1).gt(0).all()
+    assert all(b.attn_gate.grad.abs() > 0 and b.ff_gate.grad.abs() > 0 for b in m.xattn.values())
+    assert all((p.grad is None or (p.grad == 0).all()) for p in list(m.perceiver.parameters())
+               + [p for n, p in m.xattn.named_parameters() if not n.endswith("gate")])
     now = {k: v for k, v in list(m.lm.state_dict().items()) + [("v." + k, v) for k, v in m.vision.state_dict().items()]}
     changed = [k for k in frozen if not torch.equal(frozen[k], now[k])]
     assert changed == [], f"frozen weights moved: {changed}"
