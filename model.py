@@ -104,7 +104,8 @@ def rope_frequencies(cfg):
 
 def apply_rope(x, cos, sin):
     """Rotate pairs (i, i + hd/2) of x (B, h, T, hd): the 'rotate half' layout of HF Llama checkpoints."""
-    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # angles in fp32, applied in x's dtype (as HF does): a bf16
+    x1, x2 = x.chunk(2, dim=-1)                   # LM would otherwise give fp32 q, k next to a bf16 v
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
@@ -254,6 +255,8 @@ class LM(nn.Module):
         if mt == "gpt2":
             if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
                 raise NotImplementedError(f"GPT-2 activation {hf['activation_function']!r}")
+            if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+                raise NotImplementedError("GPT-2 attention scaled other than by 1/sqrt(head_dim)")
             return LMConfig(arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                             n_head=hf["n_head"], n_embd=hf["n_embd"], n_inner=hf.get("n_inner"),
                             block_size=hf["n_positions"], bias=True,
@@ -265,6 +268,13 @@ class LM(nn.Module):
             rope = dict(hf.get("rope_parameters") or {})  # newer transformers keep rope settings here
             theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
             scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+            scaling = None if scaling is None else dict(scaling)  # our own copy: the caller's dict stays theirs
+            if hf.get("mlp_bias") or (mt == "llama" and hf.get("attention_bias")):
+                raise NotImplementedError("biases in the MLP or on o_proj (Llama's mlp_bias, attention_bias)")
+            if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+                raise NotImplementedError("rotary embeddings on part of each head (partial_rotary_factor)")
+            if hf.get("use_sliding_window"):
+                raise NotImplementedError("sliding-window attention (Qwen2's use_sliding_window) is not supported")
             if mt == "mistral" and hf.get("sliding_window"):
                 raise NotImplementedError("sliding-window attention (Mistral) is not supported")
             return LMConfig(arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
@@ -400,6 +410,16 @@ def hf_to_ours(cfg, hf, ours):
             raise KeyError(f"checkpoint is missing {name!r}")
         return hf.pop(name)
 
+    def fuse(key, names, rows):
+        """Concatenate HF tensors into our fused `key`, checking every part: only the total size is checked
+        later, and a q with rows too few next to a k with as many too many would load silently."""
+        parts = [take(n) for n in names]
+        for n, p, r in zip(names, parts, rows):
+            want = (r, *ours[key].shape[1:])
+            if tuple(p.shape) != want:
+                raise ValueError(f"{n}: checkpoint has shape {tuple(p.shape)}, the model expects {want}")
+        return torch.cat(parts)
+
     if cfg.arch == "gpt2":
         # GPT-2 checkpoints exist with and without the "transformer." prefix; attn.bias/masked_bias are
         # causal-mask buffers of old versions, not weights.
@@ -423,12 +443,12 @@ def hf_to_ours(cfg, hf, ours):
             out[q + "ln_1.weight"] = take(p + "input_layernorm.weight")
             out[q + "ln_2.weight"] = take(p + "post_attention_layernorm.weight")
             a = p + "self_attn."
-            out[q + "attn.c_attn.weight"] = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")])
-            if q + "attn.c_attn.bias" in ours:
-                out[q + "attn.c_attn.bias"] = torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias")])
+            qkv_rows = [cfg.n_head * cfg.hd, cfg.kv_heads * cfg.hd, cfg.kv_heads * cfg.hd]
+            for kind in ("weight", "bias") if q + "attn.c_attn.bias" in ours else ("weight",):
+                out[q + f"attn.c_attn.{kind}"] = fuse(q + f"attn.c_attn.{kind}", [a + f"{n}_proj.{kind}" for n in "qkv"], qkv_rows)
             out[q + "attn.c_proj.weight"] = take(a + "o_proj.weight")
             m = p + "mlp."
-            out[q + "mlp.c_fc.weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
+            out[q + "mlp.c_fc.weight"] = fuse(q + "mlp.c_fc.weight", [m + "gate_proj.weight", m + "up_proj.weight"], [cfg.inner] * 2)
             out[q + "mlp.c_proj.weight"] = take(m + "down_proj.weight")
         if cfg.tie_word_embeddings:
             hf.pop("lm_head.weight", None)

@@ -70,6 +70,7 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0               # 0 disables
+gate_lr_mult = 1.0            # learning rate of the tanh gates, as a multiple of learning_rate
 decay_lr = True
 warmup_iters = 100
 lr_decay_iters = None         # None = max_iters
@@ -130,13 +131,17 @@ tok = data.get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size)
 assert (tok.image_id, tok.eoc_id) == (model.media_token_id, model.eoc_token_id)
 mean, std = model.vision.mean, model.vision.std
 
-# optimizer: weight decay on the trained matrices only (not on norms, gates, latents or token rows)
-params = [p for p in model.parameters() if p.requires_grad]
-decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "latents" not in n and "new_" not in n]
-decay_ids = {id(p) for p in decay}
+# optimizer: weight decay on the trained matrices only (not on norms, gates, latents or token rows);
+# the gates may learn faster (gate_lr_mult): with Adam a gate moves at most ~lr per step, and a short run
+# needs them open long before the paper's 500k steps would open them
+named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+params = [p for _, p in named]
+is_gate = lambda n: n.endswith(("attn_gate", "ff_gate"))  # noqa: E731
+is_decay = lambda n, p: p.dim() >= 2 and "latents" not in n and "new_" not in n  # noqa: E731
 optimizer = torch.optim.AdamW([
-    {"params": decay, "weight_decay": weight_decay},
-    {"params": [p for p in params if id(p) not in decay_ids], "weight_decay": 0.0},
+    {"params": [p for n, p in named if is_decay(n, p)], "weight_decay": weight_decay},
+    {"params": [p for n, p in named if not is_decay(n, p) and not is_gate(n)], "weight_decay": 0.0},
+    {"params": [p for n, p in named if is_gate(n)], "weight_decay": 0.0, "lr_mult": gate_lr_mult},
 ], lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint["optimizer"])
@@ -204,7 +209,7 @@ t0 = time.time()
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         val_loss = estimate_loss()
