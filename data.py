@@ -95,17 +95,65 @@ def gpt2_encoding():
         ) from None
 
 
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def train_bpe(word_counts, max_merges):
+    """Byte-pair encoding (Sennrich et al. 2016) learned from {word bytes: count}: repeatedly merge the most
+    frequent adjacent pair. Returns tiktoken's mergeable_ranks: the 256 bytes, then each merge in order."""
+    ranks = {bytes([i]): i for i in range(256)}
+    words = {tuple(bytes([b]) for b in w): c for w, c in word_counts.items()}
+    for _ in range(max_merges):
+        pairs = {}
+        for parts, c in words.items():
+            for pair in zip(parts, parts[1:]):
+                pairs[pair] = pairs.get(pair, 0) + c
+        if not pairs:
+            break
+        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))  # ties broken by the bytes: deterministic
+        ranks[a + b] = len(ranks)
+        new = {}
+        for parts, c in words.items():
+            out, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and parts[i] == a and parts[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(parts[i])
+                    i += 1
+            new[tuple(out)] = new.get(tuple(out), 0) + c
+        words = new
+    return ranks
+
+
+def shapes_encoding():
+    """A small BPE learned offline from the shapes world's own text, so that every word of its vocabulary
+    ("circle", " answer", "Question", ...) is one token: sequences 3-4x shorter than bytes, and each
+    answer a single choice. Byte fallback keeps any other text encodable. <|endoftext|> follows the merges."""
+    import regex
+    counts = {}
+    for i in range(2000):
+        text = shapes_sample("train", 0, i)[0].replace(IMAGE, " ").replace(EOC, " ").replace(EOT, " ")
+        for w in regex.findall(GPT2_SPLIT, text):
+            counts[w.encode()] = counts.get(w.encode(), 0) + 1
+    ranks = train_bpe(counts, max_merges=1000)
+    return tiktoken.Encoding(name="shapes", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+
+
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(name="bytes", lm_vocab_size=None):
-    """The tokenizer called `name` ("bytes" or "gpt2"), with <image> and <|endofchunk|> appended
+    """The tokenizer called `name` ("bytes", "shapes" or "gpt2"), with <image> and <|endofchunk|> appended
     after `lm_vocab_size` (default: the base vocabulary size; larger for LMs with padded embeddings)."""
     if name == "bytes":
         base = bytes_encoding()
+    elif name == "shapes":
+        base = shapes_encoding()
     elif name == "gpt2":
         base = gpt2_encoding()
     # later: an HF tokenizer.json (GPT-NeoX, Llama-3, Qwen2, SmolLM2) converted to a tiktoken Encoding
     else:
-        raise ValueError(f"unknown tokenizer {name!r}; known: 'bytes', 'gpt2'")
+        raise ValueError(f"unknown tokenizer {name!r}; known: 'bytes', 'shapes', 'gpt2'")
     return Tokenizer(name, base, lm_vocab_size)
 
 

@@ -6,7 +6,7 @@ and a pretrained LM and freezes both (paper section 3). Offline there is nothing
 file makes the two in about two minutes, then train.py freezes them exactly as it would a real CLIP
 and GPT-2:
 
-1. the LM: a small byte-level GPT-2 trained on the *text* of shapes sequences, images removed and
+1. the LM: a small GPT-2 (the "shapes" BPE tokenizer of data.py) trained on the *text* of shapes sequences, images removed and
    `<|endofchunk|>` written as a newline. It learns the formats and, from task-by-example text, to
    answer in the kind its examples use; it cannot know what any image shows.
    Saved in the Hugging Face layout (config.json + model.safetensors), loaded by LM.from_pretrained.
@@ -38,10 +38,10 @@ def lm_text(text):
     return text.replace(data.IMAGE, "").replace(data.EOC, "\n")
 
 
-def pretrain_lm(out, iters=300, batch_size=16, block_size=256, lr=3e-3, seed=0, n_layer=4, n_embd=64, n_head=4,
-                log=print):
+def pretrain_lm(out, tokenizer="shapes", iters=300, batch_size=16, block_size=256, lr=3e-3, seed=0, n_layer=4,
+                n_embd=64, n_head=4, log=print):
     torch.manual_seed(seed)
-    tok = data.get_tokenizer("bytes")
+    tok = data.get_tokenizer(tokenizer)
     cfg = LMConfig(arch="gpt2", vocab_size=tok.base_n_vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                    block_size=512)
     lm = LM(cfg)
@@ -139,11 +139,11 @@ def pretrain_vision(out, iters=300, batch_size=64, lr=1e-3, seed=0, log=print):
     return clip
 
 
-def pretrain(lm_dir, vision_file, lm_iters=300, vision_iters=300, seed=0, log=print):
+def pretrain(lm_dir, vision_file, tokenizer="shapes", lm_iters=300, vision_iters=300, seed=0, log=print):
     """Both stand-ins, into lm_dir and vision_file, skipping any already there."""
     os.makedirs(os.path.dirname(os.path.abspath(vision_file)), exist_ok=True)
     if not os.path.exists(os.path.join(lm_dir, "model.safetensors")):
-        pretrain_lm(lm_dir, iters=lm_iters, seed=seed, log=log)
+        pretrain_lm(lm_dir, tokenizer, iters=lm_iters, seed=seed, log=log)
     if not os.path.exists(vision_file):
         pretrain_vision(vision_file, iters=vision_iters, seed=seed, log=log)
     return lm_dir, vision_file
@@ -152,6 +152,7 @@ def pretrain(lm_dir, vision_file, lm_iters=300, vision_iters=300, seed=0, log=pr
 if __name__ == "__main__":
     import sys
     from configurator import configure
-    out_dir, lm_iters, vision_iters, seed = "out-shapes/pretrained", 300, 300, 0
+    out_dir, tokenizer, lm_iters, vision_iters, seed = "out-shapes/pretrained", "shapes", 300, 300, 0
     configure(globals(), sys.argv[1:])
-    pretrain(os.path.join(out_dir, "lm"), os.path.join(out_dir, "vision.safetensors"), lm_iters, vision_iters, seed)
+    pretrain(os.path.join(out_dir, "lm"), os.path.join(out_dir, "vision.safetensors"), tokenizer, lm_iters,
+             vision_iters, seed)

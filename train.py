@@ -116,7 +116,7 @@ else:
     if pretrain_shapes:  # the shapes world's stand-ins for a pretrained LM and CLIP
         if master:
             from pretrain_shapes import pretrain
-            pretrain(lm, clip_pretrained, pretrain_lm_iters, pretrain_vision_iters, seed)
+            pretrain(lm, clip_pretrained, tokenizer, pretrain_lm_iters, pretrain_vision_iters, seed)
         if ddp:
             dist.barrier()
     model = Flamingo.from_pretrained(

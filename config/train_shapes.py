@@ -9,9 +9,9 @@ pretrain_shapes = True
 pretrain_lm_iters = 300
 pretrain_vision_iters = 300
 
-tokenizer = "bytes"
-block_size = 256
-batch_size = 32
+tokenizer = "shapes"
+block_size = 128
+batch_size = 16
 gradient_accumulation_steps = 1
 
 cross_attn_every_n_layers = 1
@@ -24,6 +24,7 @@ xattn_dim_head = 32
 
 learning_rate = 1e-3
 max_iters = 600
+gate_lr_mult = 30.0
 warmup_iters = 30
 weight_decay = 0.0
 eval_interval = 200

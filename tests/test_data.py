@@ -259,3 +259,21 @@ def test_get_batch_same_samples_whatever_world_size():
     one = micro_batches(world_size=1, grad_accum=2)
     assert one == micro_batches(world_size=2, grad_accum=1)  # the same micro-batches, in the same order
     assert one != micro_batches(world_size=1, grad_accum=1)  # (a different global batch size: other samples)
+
+
+def test_shapes_tokenizer_words_and_markup():
+    tok = data.get_tokenizer("shapes")
+    assert (tok.eot_id, tok.image_id, tok.eoc_id) == (tok.base_n_vocab - 1, tok.base_n_vocab, tok.base_n_vocab + 1)
+    # every single-word answer of the shapes world is one token, so an answer is one choice
+    words = list(data.COLORS) + list(data.SHAPES) + list(data.SIZES) + ["top", "left", "center", "yes", "no", "1", "2", "3"]
+    assert [w for w in words if len(tok.encode(w)) != 1] == []
+    # the same text is 3x shorter than in bytes, and round-trips; literal markup in plain text stays text
+    text, _ = data.shapes_sample("train", 0, 0, kind="caption")
+    assert 3 * len(tok.encode_markup(text)) < len(data.get_tokenizer("bytes").encode_markup(text))
+    for s in ["a caption with <image> and <|endofchunk|> inside", "ünïcödé ✓ text", ""]:
+        ids = tok.encode(s)
+        assert tok.image_id not in ids and tok.eoc_id not in ids and tok.eot_id not in ids
+        assert tok.decode(ids) == s
+    assert tok.encode_markup("<image>Output:red<|endofchunk|>")[0] == tok.image_id
+    # learned deterministically: two builds give the same merges
+    assert data.shapes_encoding()._mergeable_ranks == tok.enc._mergeable_ranks
