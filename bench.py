@@ -34,8 +34,9 @@ for n, p in model.named_parameters():  # open the gates, so the blocks do their 
     if n.endswith("_gate"):
         p.data.fill_(1.0)
 tok = data.get_tokenizer("bytes")
-images, idx, _ = data.collate([data.shapes_sample("test", 0, 0, kind="task", n_chunks=5)], tok, 512)
-idx = idx[:, :idx[0].tolist().index(tok.eoc_id, len(idx[0]) - 20)]  # drop the last answer: the prompt
+text, imgs = data.shapes_sample("test", 0, 0, kind="task", n_chunks=5)
+prompt = text[:text.rindex("Output:") + len("Output:")]  # the last answer dropped: 4 shots and a query
+images, idx, _ = data.collate([(prompt, imgs)], tok, 512)
 images, idx = images.to(device), idx.to(device)
 
 

@@ -28,6 +28,8 @@ def parse_value(key, raw, default):
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw  # a bare word: a string
+    if isinstance(default, str) and value is not None and not isinstance(value, str):
+        value = raw  # a string key keeps what was typed: --wandb_run_name=1e-3 is "1e-3", not "0.001"
     return check_type(key, value, default)
 
 
@@ -36,8 +38,8 @@ def check_type(key, value, default):
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if isinstance(default, str) and not isinstance(value, str):
-        return str(value) if isinstance(value, (int, float)) else value  # --out_dir 123 -> "123"
+    if isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # out_dir = 123 in a config file -> "123"; a list or a bool is refused below
     if type(value) is not type(default):
         raise TypeError(f"{key} must be a {type(default).__name__} like its default {default!r}, got {value!r}")
     return value
@@ -65,7 +67,8 @@ def configure(config: dict, argv=None):
             exec(compile(source, arg, "exec"), values)
             for k, v in values.items():
                 if not k.startswith("_") and isinstance(v, SIMPLE):
-                    config[known_key(k)] = check_type(k, v, config[k])
+                    known_key(k)  # first: config[k] below would raise a bare KeyError
+                    config[k] = check_type(k, v, config[k])
             i += 1
             continue
         key, eq, raw = arg[2:].partition("=")  # the first "=" only

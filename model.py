@@ -841,8 +841,15 @@ class Flamingo(nn.Module):
 
 def atomic_save(obj, path):
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a power loss cannot leave a torn file either
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def expand_media(images, idx, media_token_id, n):

@@ -15,11 +15,9 @@ The continuation is printed as it is generated; the last line of output is the c
 import os
 import sys
 
-import torch
-
 # -----------------------------------------------------------------------------
 init_from = "out-shapes"      # an out_dir of train.py (or its ckpt.pt)
-prompt = None                 # None: the captioning prompt "<image>Output:" (one image only)
+prompt = ""                   # "": the captioning prompt "<image>Output:" (one image only)
 max_new_tokens = 40
 temperature = 0.0             # 0 = greedy
 top_k = None
@@ -29,20 +27,20 @@ seed = 1337
 device = "cpu"
 # --image may repeat, so it is taken out of the arguments before the configurator sees them
 image = []
-argv, i = [], 0
-while i < len(sys.argv[1:]):
-    a = sys.argv[1 + i]
-    if a == "--image" and i + 1 < len(sys.argv[1:]):
-        image.append(sys.argv[2 + i])
-        i += 2
+_argv, _i = [], 0  # underscored: not config keys
+while _i < len(sys.argv[1:]):
+    _a = sys.argv[1 + _i]
+    if _a == "--image" and _i + 1 < len(sys.argv[1:]):
+        image.append(sys.argv[2 + _i])
+        _i += 2
         continue
-    if a.startswith("--image="):
-        image.append(a.split("=", 1)[1])
+    if _a.startswith("--image="):
+        image.append(_a.split("=", 1)[1])
     else:
-        argv.append(a)
-    i += 1
+        _argv.append(_a)
+    _i += 1
 from configurator import configure  # noqa: E402
-configure(globals(), argv)
+configure(globals(), _argv)
 # -----------------------------------------------------------------------------
 
 
@@ -54,13 +52,32 @@ def fail(message):
 ckpt = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) or not init_from.endswith(".pt") else init_from
 if not os.path.exists(ckpt):
     fail(f"no checkpoint at {ckpt}. Train one first:  python train.py config/train_shapes.py"
-         + ("" if init_from == "out-shapes" else f" --out_dir={init_from}"))
+         + ("" if init_from == "out-shapes" else f" --out_dir={os.path.dirname(ckpt) or '.'}"))
 if not image:
     fail("give an image: python sample.py --image cat.jpg")
 
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+# every argument is checked before the slow imports and the model load
+if not prompt:
+    if len(image) > 1:
+        fail(f"{len(image)} images: write a --prompt with one <image> for each")
+    prompt = "<image>Output:"  # OpenFlamingo's captioning prompt
+if prompt.count("<image>") != len(image):
+    fail(f"the prompt has {prompt.count('<image>')} <image> markers but {len(image)} images were given")
+pil_images = []
+for path in image:
+    try:
+        with Image.open(path) as im:
+            pil_images.append(im.convert("RGB"))
+    except FileNotFoundError:
+        fail(f"image not found: {path}")
+    except (UnidentifiedImageError, OSError) as e:
+        fail(f"cannot read image {path}: {e}")
+
+import torch  # noqa: E402
 import data  # noqa: E402
 from model import Flamingo  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 torch.manual_seed(seed)
 model, _ = Flamingo.from_checkpoint(ckpt, verbose=False)
@@ -71,34 +88,20 @@ tok = data.get_tokenizer(_["config"].get("tokenizer", "bytes") if "config" in _ 
 # images: CLIP's evaluation preprocessing (resize the short side, centre crop, normalise)
 import open_clip  # noqa: E402
 preprocess = open_clip.image_transform(model.vision.image_size, is_train=False, mean=model.vision.mean, std=model.vision.std)
-pixels = []
-for path in image:
-    try:
-        with Image.open(path) as im:
-            pixels.append(preprocess(im.convert("RGB")))
-    except FileNotFoundError:
-        fail(f"image not found: {path}")
-    except (UnidentifiedImageError, OSError) as e:
-        fail(f"cannot read image {path}: {e}")
-images = torch.stack(pixels)[:, None].to(device)  # (N, 1, 3, H, W)
+images = torch.stack([preprocess(im) for im in pil_images])[:, None].to(device)  # (N, 1, 3, H, W)
+idx = torch.tensor([tok.encode_markup(prompt)], device=device)  # (1, T)
 
-if prompt is None:
-    if len(image) > 1:
-        fail(f"{len(image)} images: write a --prompt with one <image> for each")
-    prompt = data.IMAGE + "Output:"  # OpenFlamingo's captioning prompt
-ids = tok.encode_markup(prompt)
-if ids.count(tok.image_id) != len(image):
-    fail(f"the prompt has {ids.count(tok.image_id)} <image> markers but {len(image)} images were given")
-idx = torch.tensor([ids], device=device)
-
-new_ids = []
+new_ids, printed = [], ""
 
 
 def stream(token):
-    before = tok.decode(new_ids)
-    new_ids.append(token.item())
+    global printed
     if token.item() != model.eoc_token_id:
-        print(tok.decode(new_ids)[len(before):], end="", flush=True)
+        new_ids.append(token.item())
+    text = tok.decode(new_ids)
+    if not text.endswith("\ufffd"):  # wait for the rest of a character split over several tokens
+        print(text[len(printed):], end="", flush=True)
+        printed = text
 
 
 out = model.generate(images, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -108,6 +111,6 @@ if model.eoc_token_id in continuation:
     continuation = continuation[:continuation.index(model.eoc_token_id)]
 text = tok.decode(continuation)
 if num_beams == 1:
-    print()  # the streamed line already is the continuation
+    print(text[len(printed):])  # the streamed line already is the continuation, but for a last partial character
 else:
     print(text)

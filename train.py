@@ -164,15 +164,16 @@ def get_batch(split, step, micro_step, n_micro=gradient_accumulation_steps, r=ra
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters fixed validation batches, shared across processes."""
+    """Mean loss over the eval_iters validation batches of a 1-process run, dealt out to the processes: the
+    same number whatever world_size. The unwrapped module: ranks may run different numbers of batches."""
     model.eval()
     losses = torch.zeros(eval_iters, device=device)
-    for k in range(eval_iters):
-        images, idx, targets = get_batch("val", k, 0, 1)
+    for k in range(rank, eval_iters, world_size):
+        images, idx, targets = get_batch("val", k, 0, 1, 0, 1)
         with autocast:
-            losses[k] = model(images, idx, targets)[1]
+            losses[k] = (model.module if ddp else model)(images, idx, targets)[1]
     if ddp:
-        dist.all_reduce(losses, op=dist.ReduceOp.AVG)
+        dist.all_reduce(losses)  # each batch's loss is on one process, zeros elsewhere
     model.train()
     return losses.mean().item()
 
@@ -194,9 +195,16 @@ def gates():
             for i, blk in raw_model.xattn.items() for g in ("attn_gate", "ff_gate")}
 
 
+log_path = os.path.join(out_dir, "log.jsonl")
+if master:  # a new run starts a new log; a resumed one keeps only what its checkpoint had seen
+    kept = open(log_path).readlines() if init_from == "resume" and os.path.exists(log_path) else []
+    with open(log_path, "w") as f:
+        f.writelines(line for line in kept if json.loads(line)["iter"] <= iter_num)
+
+
 def log(record):
     if master:
-        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
@@ -205,13 +213,14 @@ if wandb_log and master:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 # the training loop
-t0 = time.time()
+t0, start_iter = time.time(), iter_num
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
 
-    if iter_num % eval_interval == 0 or iter_num == max_iters:
+    resumed_here = init_from == "resume" and iter_num == start_iter  # evaluated and saved before the stop
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and not resumed_here:
         val_loss = estimate_loss()
         if master:
             print(f"step {iter_num}: val loss {val_loss:.4f}")
@@ -246,7 +255,8 @@ while True:
     if iter_num % log_interval == 0 or iter_num == max_iters:
         loss_avg = loss_sum / gradient_accumulation_steps
         if ddp:
-            dist.all_reduce(loss_avg, op=dist.ReduceOp.AVG)  # the loss of the whole global batch
+            dist.all_reduce(loss_avg)  # SUM: gloo has AVG only since torch 2.8
+            loss_avg /= world_size     # the loss of the whole global batch
         dt, t0 = time.time() - t0, time.time()
         sps = log_interval * batch_size * gradient_accumulation_steps * world_size / dt
         if master:

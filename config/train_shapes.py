@@ -7,11 +7,11 @@ clip = "shapes-vit"
 clip_pretrained = "out-shapes/pretrained/vision.safetensors"
 pretrain_shapes = True
 pretrain_lm_iters = 300
-pretrain_vision_iters = 300
+pretrain_vision_iters = 200
 
 tokenizer = "shapes"
 block_size = 128
-batch_size = 16
+batch_size = 8
 gradient_accumulation_steps = 1
 
 cross_attn_every_n_layers = 1
@@ -22,12 +22,12 @@ num_latents = 16
 xattn_heads = 4
 xattn_dim_head = 32
 
-learning_rate = 1e-3
-max_iters = 600
-gate_lr_mult = 30.0
+learning_rate = 3e-3
+max_iters = 1000
+gate_lr_mult = 10.0
 warmup_iters = 30
 weight_decay = 0.0
-eval_interval = 200
+eval_interval = 250
 eval_iters = 4
 log_interval = 10
 device = "cpu"

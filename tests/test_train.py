@@ -1,0 +1,192 @@
+"""End-to-end tests of train.py, run as a subprocess on a tiny Flamingo (CPU, no network, a few seconds a run).
+
+- 2 DDP processes with accumulation 1 follow the run of 1 process with accumulation 2 (train.py's docstring);
+- a run stopped at a checkpoint and resumed is the uninterrupted run, bit for bit (weights, optimizer, log);
+- a checkpoint write that dies leaves the previous checkpoint whole (model.atomic_save);
+- the format of log.jsonl; a new run starts a new log, a resumed one drops what followed its checkpoint.
+"""
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import torch
+
+import model as model_module
+from model import LM, LMConfig, save_pretrained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# transformers is a test-only requirement; open_clip imports it when it is installed, a second or more per
+# subprocess. The scripts run here without it, as they do with requirements.txt alone.
+NO_TRANSFORMERS = tempfile.mkdtemp(prefix="no-transformers-")
+os.makedirs(os.path.join(NO_TRANSFORMERS, "transformers"))
+with open(os.path.join(NO_TRANSFORMERS, "transformers", "__init__.py"), "w") as f:
+    f.write("raise ImportError('hidden by tests/test_train.py')\n")
+atexit.register(shutil.rmtree, NO_TRANSFORMERS, ignore_errors=True)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1",
+       "PYTHONPATH": os.pathsep.join(filter(None, [NO_TRANSFORMERS, os.environ.get("PYTHONPATH")]))}
+SMALL = ["--batch_size=2", "--block_size=128", "--resampler_depth=1", "--num_latents=4", "--resampler_heads=2",
+         "--resampler_dim_head=8", "--xattn_heads=2", "--xattn_dim_head=8", "--eval_iters=2", "--log_interval=1",
+         "--warmup_iters=2", "--learning_rate=1e-3", "--gate_lr_mult=10.0", "--device=cpu", "--dtype=float32",
+         "--compile=False", "--pretrain_shapes=False", "--clip=shapes-vit", "--eval_interval=4",
+         "--lr_decay_iters=8"]  # fixed: its default, max_iters, would differ between a stopped run and the full one
+
+
+def make_assets(root):
+    """A tiny random byte-level GPT-2 and shapes-vit weights, saved once so that every run starts the same."""
+    import open_clip
+    from safetensors.torch import save_file
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    save_pretrained(LM(LMConfig(arch="gpt2", vocab_size=257, n_layer=2, n_head=2, n_embd=32, block_size=512)),
+                    os.path.join(root, "lm"))
+    model_module._register_clip_configs()
+    clip = open_clip.create_model("shapes-vit")
+    save_file(clip.state_dict(), os.path.join(root, "vision.safetensors"))
+    return [f"--lm={os.path.join(root, 'lm')}", f"--clip_pretrained={os.path.join(root, 'vision.safetensors')}"]
+
+
+def run_train(out_dir, *args, nproc=1):
+    """Run train.py; returns its log.jsonl records."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    cmd = launcher + ["train.py", f"--out_dir={out_dir}", *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(log):
+    return {r["iter"]: r["loss"] for r in log if "loss" in r}
+
+
+def val_losses(log):
+    return {r["iter"]: r["val_loss"] for r in log if "val_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    """The uninterrupted run: 1 process, accumulation 2, 8 iterations, checkpoints at 4 and 8."""
+    out = str(tmp_path_factory.mktemp("reference"))
+    log = run_train(out, *SMALL, *assets, "--gradient_accumulation_steps=2", "--max_iters=8")
+    return out, log
+
+
+def test_log_format(reference):
+    _, log = reference
+    train = [r for r in log if "loss" in r]
+    assert [r["iter"] for r in train] == list(range(1, 9))
+    for r in train:
+        assert set(r) == {"iter", "loss", "lr", "samples_per_s", "gates"}
+        assert r["loss"] > 0 and r["lr"] > 0 and r["samples_per_s"] > 0
+        assert len(r["gates"]) == 4  # 2 LM layers x (attn_gate, ff_gate)
+        assert all(k.endswith(("attn_gate", "ff_gate")) and -1 < v < 1 for k, v in r["gates"].items())
+    assert any(v != 0 for v in train[-1]["gates"].values())  # the gates moved (gate_lr_mult=10)
+    assert list(val_losses(log)) == [0, 4, 8]
+
+
+def test_ddp_equals_gradient_accumulation(assets, reference, tmp_path):
+    """torchrun with 2 processes x accumulation 1 == 1 process x accumulation 2: the same global batches."""
+    _, ref = reference
+    log = run_train(str(tmp_path), *SMALL, *assets, "--gradient_accumulation_steps=1", "--max_iters=4", nproc=2)
+    got, want = train_losses(log), {k: v for k, v in train_losses(ref).items() if k <= 4}
+    assert list(got) == list(want) == [1, 2, 3, 4]
+    torch.testing.assert_close(torch.tensor(list(got.values())), torch.tensor(list(want.values())), rtol=1e-4, atol=0)
+    got, want = val_losses(log), {k: v for k, v in val_losses(ref).items() if k <= 4}
+    assert list(got) == list(want) == [0, 4]
+    torch.testing.assert_close(torch.tensor(list(got.values())), torch.tensor(list(want.values())), rtol=1e-4, atol=0)
+    # the same gates after 4 steps
+    g = [r["gates"] for r in log if r.get("iter") == 4 and "gates" in r][0]
+    g_ref = [r["gates"] for r in ref if r.get("iter") == 4 and "gates" in r][0]
+    assert g.keys() == g_ref.keys() and all(abs(g[k] - g_ref[k]) <= 2e-4 for k in g)
+
+
+def test_resume_is_the_uninterrupted_run(assets, reference, tmp_path):
+    """Stop at the checkpoint of iteration 4, resume to 8: the same losses, weights and optimizer, exactly."""
+    ref_dir, ref = reference
+    out = str(tmp_path)
+    common = [*SMALL, *assets, "--gradient_accumulation_steps=2"]
+    with open(os.path.join(out, "log.jsonl"), "w") as f:  # an old run's log: a new run must not append to it
+        f.write(json.dumps({"iter": 99, "loss": 1.0}) + "\n")
+    first = run_train(out, *common, "--max_iters=4")
+    assert [r["iter"] for r in first] == [0, 1, 2, 3, 4, 4]
+    assert train_losses(first) == {k: v for k, v in train_losses(ref).items() if k <= 4}
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"] == 4
+    with open(os.path.join(out, "log.jsonl"), "a") as f:  # logged after the checkpoint, by a run that then died
+        f.write(json.dumps({"iter": 5, "loss": 1.0}) + "\n")
+    log = run_train(out, *common, "--max_iters=8", "--init_from=resume")
+
+    def strip(records):  # everything but the timing
+        return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in records]
+    assert strip(log) == strip(ref)  # the whole log, once: no duplicated line for iteration 4
+    a = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(ref_dir, "ckpt.pt"), weights_only=True)
+    assert a["iter_num"] == b["iter_num"] == 8 and a["best_val_loss"] == b["best_val_loss"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    assert torch.equal(a["rng"], b["rng"])
+
+
+def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    old = {"iter_num": 1, "w": torch.arange(1000.0)}
+    model_module.atomic_save(old, path)
+    before = open(path, "rb").read()
+
+    def crashing_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a zip file")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="disk full"):
+        model_module.atomic_save({"iter_num": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before
+    got = torch.load(path, weights_only=True)
+    assert got["iter_num"] == 1 and torch.equal(got["w"], old["w"])
+
+
+KILLED_WRITER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from model import atomic_save
+for i in range(1, 1000):
+    w = torch.full((8_000_000,), float(i))  # 32 MB
+    atomic_save({{"i": i, "w": w}}, {path!r})
+"""
+
+
+def test_sigkill_during_save_leaves_a_whole_checkpoint(tmp_path):
+    """A writer killed (SIGKILL) in the middle of writing leaves the old or the new checkpoint, never a part."""
+    path = str(tmp_path / "ckpt.pt")
+    p = subprocess.Popen([sys.executable, "-c", KILLED_WRITER.format(root=ROOT, path=path)], env=ENV)
+    partial = []
+    try:
+        deadline = time.time() + 60
+        while not partial and time.time() < deadline and p.poll() is None:
+            if os.path.exists(path):  # one save done: kill during a later one, once its temp file has bytes
+                partial = [f for f in os.listdir(tmp_path) if ".tmp" in f and os.path.getsize(tmp_path / f) > 0]
+            time.sleep(0.001)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert partial, "the writer was never caught in the middle of a save"
+    got = torch.load(path, weights_only=True)
+    assert got["w"].shape == (8_000_000,) and bool((got["w"] == got["i"]).all())
