@@ -150,15 +150,19 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     model_module.atomic_save(old, path)
     before = open(path, "rb").read()
 
-    def crashing_save(obj, f, *args, **kwargs):
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 half a zip file")
+    def crashing_save(obj, f, *args, **kwargs):  # f: a path or an open file
+        if hasattr(f, "write"):
+            f.write(b"PK\x03\x04 half a zip file")
+        else:
+            with open(f, "wb") as fh:
+                fh.write(b"PK\x03\x04 half a zip file")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crashing_save)
     with pytest.raises(OSError, match="disk full"):
         model_module.atomic_save({"iter_num": 2, "w": torch.zeros(1000)}, path)
     monkeypatch.undo()
     assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
     got = torch.load(path, weights_only=True)
     assert got["iter_num"] == 1 and torch.equal(got["w"], old["w"])
 
