@@ -132,8 +132,9 @@ def pretrain_vision(out, iters=300, batch_size=64, lr=1e-3, seed=0, log=print):
         loss.backward()
         opt.step()
         if it % 50 == 0 or it == iters - 1:
-            acc = [(l.argmax(-1) == y[..., j]).float().mean().item() for j, l in enumerate(logits)]
-            log(f"vision step {it:4d} loss {loss.item():.3f} patch accuracy shape/color/size/cell "
+            on = y[..., 0] > 0  # accuracy on the patches that show an object (most patches are background)
+            acc = [(l.argmax(-1) == y[..., j])[on].float().mean().item() for j, l in enumerate(logits)]
+            log(f"vision step {it:4d} loss {loss.item():.3f} object-patch accuracy shape/color/size/cell "
                 + "/".join(f"{a:.2f}" for a in acc) + f"  ({time.time() - t0:.0f}s)")
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, out)
     return clip
