@@ -133,8 +133,8 @@ def shapes_encoding():
     answer a single choice. Byte fallback keeps any other text encodable. <|endoftext|> follows the merges."""
     import regex
     counts = {}
-    for i in range(2000):
-        text = shapes_sample("train", 0, i)[0].replace(IMAGE, " ").replace(EOC, " ").replace(EOT, " ")
+    for i in range(2000):  # a fixed corpus: the merges must not change when KIND_MIX does
+        text = shapes_sample("train", 0, i, mix=TOKENIZER_MIX)[0].replace(IMAGE, " ").replace(EOC, " ").replace(EOT, " ")
         for w in regex.findall(GPT2_SPLIT, text):
             counts[w.encode()] = counts.get(w.encode(), 0) + 1
     ranks = train_bpe(counts, max_merges=1000)
@@ -184,6 +184,7 @@ QUESTION_TYPES = ("color", "shape", "count", "position", "exists")
 TASK_KINDS = ("color", "shape", "size", "position")
 IMAGE_SIZE, MAX_BACKGROUND, NOISE, JITTER = 64, 60, 8, 2
 N_OBJECTS_P = (0.5, 0.25, 0.25)  # P(1, 2, 3 objects); half single-object scenes helped learning (DESIGN 6)
+TOKENIZER_MIX = {"caption": 0.2, "question": 0.4, "task": 0.3, "interleaved": 0.1}  # the shapes BPE's corpus
 KIND_MIX = {"caption": 0.2, "question": 0.4, "task": 0.3, "interleaved": 0.1}  # default mix of shapes_sample
 
 

@@ -476,13 +476,17 @@ def _register_clip_configs():
 
 
 class VisionEncoder(nn.Module):
-    """An open_clip ViT's vision tower, returning the grid of patch tokens (not the pooled embedding).
+    """An open_clip vision tower, returning the grid of spatial features (not the pooled embedding).
 
+    Two kinds of tower (Flamingo itself used a CNN, NFNet-F6, and fed its final grid to the resampler):
+    - a ViT ("ViT-B-32", ...): the patch tokens of the last layer, class token dropped. `ln_post=False`
+      gives them before the tower's final LayerNorm, as OpenFlamingo's models saw them.
+    - a ModifiedResNet ("RN50", "shapes-rn", ...): the feature map after residual stage `stage` (1..4,
+      None = 4, the last), flattened to tokens; the attention pool and any later stage are dropped.
     `pretrained` is an open_clip tag ("openai", "laion2b_s34b_b79k", ...) or a local weights file.
-    `ln_post=False` gives the tokens before the tower's final LayerNorm, as OpenFlamingo's models saw them.
     """
 
-    def __init__(self, name, pretrained=None, ln_post=True):
+    def __init__(self, name, pretrained=None, ln_post=True, stage=None):
         super().__init__()
         import logging
         import open_clip
@@ -494,16 +498,34 @@ class VisionEncoder(nn.Module):
             raise RuntimeError(f"open_clip could not build {name!r} with weights {pretrained!r}: {e}\n"
                                "Offline? Pass a local weights file as clip_pretrained.") from None
         self.visual = clip.visual  # the text tower is dropped
-        if not hasattr(self.visual, "_embeds"):
-            raise NotImplementedError(f"{name!r}: only open_clip VisionTransformer towers are supported")
+        self.is_resnet = hasattr(self.visual, "layer4")
+        if not self.is_resnet and not hasattr(self.visual, "_embeds"):
+            raise NotImplementedError(f"{name!r}: only open_clip VisionTransformer and ModifiedResNet towers "
+                                      "are supported")
+        if self.is_resnet:
+            self.stage = 4 if stage is None else stage
+            if self.stage not in (1, 2, 3, 4):
+                raise ValueError(f"vision stage must be 1..4 for a ResNet tower, got {stage}")
+            self.width = getattr(self.visual, f"layer{self.stage}")[-1].bn3.num_features
+            for k in range(self.stage + 1, 5):  # later stages and the attention pool never run: drop them
+                setattr(self.visual, f"layer{k}", nn.Identity())
+            self.visual.attnpool = nn.Identity()
+        else:
+            if stage is not None:
+                raise ValueError(f"vision stage is for ResNet towers; {name!r} is a ViT")
+            self.stage, self.width = None, self.visual.transformer.width
         self.name, self.pretrained, self.ln_post = name, pretrained, ln_post
-        self.width = self.visual.transformer.width
         pp = self.visual.preprocess_cfg
         self.image_size, self.mean, self.std = pp["size"], tuple(pp["mean"]), tuple(pp["std"])
 
     def forward(self, x):
-        """x (n, 3, H, W) preprocessed pixels -> (n, S, D) patch tokens."""
+        """x (n, 3, H, W) preprocessed pixels -> (n, S, D) spatial tokens."""
         v = self.visual
+        if self.is_resnet:
+            x = v.stem(x)                               # (n, width, H/4, W/4)
+            for k in range(1, self.stage + 1):
+                x = getattr(v, f"layer{k}")(x)          # each later stage halves H and W
+            return x.flatten(2).transpose(1, 2)         # (n, C, h, w) -> (n, S = h*w, D = C)
         x = v.transformer(v._embeds(x))   # (n, 1 + S, D): class token first
         if self.ln_post:
             x = v.ln_post(x)
@@ -530,6 +552,7 @@ class FlamingoConfig:
     xattn_ff_mult: int = 4
     only_attend_immediate_media: bool = True  # False: a token sees all images at or before it
     vision_ln_post: bool = True
+    vision_stage: int | None = None       # ResNet towers: the stage whose feature map is the grid (None = last)
     freeze_lm: bool = True
     freeze_vision: bool = True
 
@@ -580,7 +603,7 @@ class Flamingo(nn.Module):
         cfg = FlamingoConfig(lm=lm, clip=clip, clip_pretrained=clip_pretrained,
                              cross_attn_every_n_layers=cross_attn_every_n_layers, **options)
         lm_model = LM.from_pretrained(lm, dtype=dtype)
-        vision = VisionEncoder(clip, clip_pretrained, ln_post=cfg.vision_ln_post)
+        vision = VisionEncoder(clip, clip_pretrained, ln_post=cfg.vision_ln_post, stage=cfg.vision_stage)
         return cls(lm_model, vision, cfg, verbose=verbose)
 
     # -------------------------------------------------------------------------

@@ -52,7 +52,8 @@ clip = "ViT-B-32"             # open_clip model name
 clip_pretrained = None        # open_clip tag or weights file
 pretrain_shapes = False       # make lm and clip_pretrained first if missing (pretrain_shapes.py)
 pretrain_lm_iters = 300
-pretrain_vision_iters = 300
+pretrain_vision_iters = 500
+vision_stage = None           # ResNet towers: the stage whose feature map is the grid of visual tokens
 cross_attn_every_n_layers = 1
 resampler_depth = 6
 resampler_heads = 8
@@ -116,7 +117,8 @@ else:
     if pretrain_shapes:  # the shapes world's stand-ins for a pretrained LM and CLIP
         if master:
             from pretrain_shapes import pretrain
-            pretrain(lm, clip_pretrained, tokenizer, pretrain_lm_iters, pretrain_vision_iters, seed)
+            pretrain(lm, clip_pretrained, tokenizer, pretrain_lm_iters, pretrain_vision_iters, seed, clip,
+                     vision_stage)
         if ddp:
             dist.barrier()
     model = Flamingo.from_pretrained(
@@ -124,6 +126,7 @@ else:
         resampler_depth=resampler_depth, resampler_heads=resampler_heads, resampler_dim_head=resampler_dim_head,
         num_latents=num_latents, xattn_heads=xattn_heads, xattn_dim_head=xattn_dim_head,
         only_attend_immediate_media=only_attend_immediate_media, freeze_lm=freeze_lm, freeze_vision=freeze_vision,
+        vision_stage=vision_stage,
         verbose=master)
     checkpoint, iter_num, best_val_loss = None, 0, float("inf")
 model.to(device)

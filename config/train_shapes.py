@@ -3,11 +3,12 @@
 # stage 2 (train.py) freezes both and trains the resampler, the gated blocks and the new token rows.
 out_dir = "out-shapes"
 lm = "out-shapes/pretrained/lm"
-clip = "shapes-vit"
+clip = "shapes-rn"
+vision_stage = 2  # a CNN tower (open_clip ModifiedResNet) cut after stage 2: an 8 x 8 grid of tokens
 clip_pretrained = "out-shapes/pretrained/vision.safetensors"
 pretrain_shapes = True
 pretrain_lm_iters = 300
-pretrain_vision_iters = 200
+pretrain_vision_iters = 500
 
 tokenizer = "shapes"
 block_size = 128

@@ -1,0 +1,80 @@
+"""The vision encoder (model.VisionEncoder) with an open_clip ResNet tower, and the shapes world's stage-1
+vision training (pretrain_shapes.py). CPU, no network, tiny sizes."""
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import pretrain_shapes
+from model import Flamingo, LMConfig, LM, VisionEncoder, save_pretrained
+
+
+def test_resnet_stage_grid():
+    """shapes-rn up to stage 2 gives the 8 x 8 feature map as 64 tokens, equal to open_clip's own blocks
+    run by hand; the stages after it and the attention pool are gone (no dead frozen weights)."""
+    torch.manual_seed(0)
+    enc = VisionEncoder("shapes-rn", stage=2).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        out = enc(x)
+        v = enc.visual
+        ref = v.layer2(v.layer1(v.stem(x)))                         # (3, C, 8, 8)
+    assert enc.width == ref.shape[1] == out.shape[-1]
+    assert out.shape == (3, 64, enc.width)
+    assert torch.equal(out, ref.flatten(2).transpose(1, 2))
+    # token s is pixel row s // 8, column s % 8 of the map
+    assert torch.equal(out[:, 8 * 2 + 5], ref[:, :, 2, 5])
+    names = [n for n, _ in enc.named_parameters()]
+    assert not any(n.startswith(("visual.layer3", "visual.layer4", "visual.attnpool")) for n in names)
+    last = VisionEncoder("shapes-rn")  # default: the last stage, a 2 x 2 map for 64 px
+    assert last(x).shape == (3, 4, last.width) and last.width == 32 * 16
+
+
+def test_stage_errors():
+    with pytest.raises(ValueError, match="1..4"):
+        VisionEncoder("shapes-rn", stage=5)
+    with pytest.raises(ValueError, match="ResNet"):
+        VisionEncoder("shapes-vit", stage=2)
+
+
+def test_patch_labels():
+    scene = dict(background=10, objects=[dict(shape="square", color="red", size="large", cell=0, cx=11, cy=11)])
+    y = pretrain_shapes.patch_labels(scene, 8)                       # (64, 4)
+    # the 18 px square covers pixels 2..19: patches (0..2, 0..2) hold at least 10% of it
+    on = y[:, 0].reshape(8, 8) > 0
+    assert on[:3, :3].all() and on.sum() == 9
+    assert tuple(y[0]) == (1 + data.SHAPES.index("square"), 1 + list(data.COLORS).index("red"),
+                           1 + list(data.SIZES).index("large"), 0)
+    assert tuple(y[63]) == (0, 0, 0, 8)  # background patch at the bottom right: its own cell
+
+
+def test_pretrained_vision_loads_as_open_clip_weights(tmp_path):
+    """Stage 1 saves a whole open_clip checkpoint; loaded back with clip_pretrained it gives the features of the
+    tower it trained, and a Flamingo built on it (and rebuilt from its checkpoint) uses exactly those."""
+    path = str(tmp_path / "vision.safetensors")
+    enc = pretrain_shapes.pretrain_vision(path, "shapes-rn", 2, iters=3, batch_size=4, log=lambda *_: None)
+    again = VisionEncoder("shapes-rn", path, stage=2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(enc.eval()(x), again.eval()(x))
+    before = {k: v.clone() for k, v in again.state_dict().items()}
+    assert any(not torch.equal(v, VisionEncoder("shapes-rn", stage=2).state_dict()[k]) for k, v in before.items())
+
+    lm_dir = str(tmp_path / "lm")
+    save_pretrained(LM(LMConfig(arch="gpt2", vocab_size=257, n_layer=2, n_head=2, n_embd=32, block_size=64)), lm_dir)
+    model = Flamingo.from_pretrained(lm=lm_dir, clip="shapes-rn", clip_pretrained=path, vision_stage=2,
+                                     resampler_depth=1, num_latents=4, resampler_heads=2, resampler_dim_head=8,
+                                     xattn_heads=2, xattn_dim_head=8, verbose=False)
+    model.train()
+    assert not model.vision.training  # frozen BatchNorm statistics stay frozen in training
+    model.save_checkpoint(str(tmp_path / "ckpt.pt"))
+    model2, _ = Flamingo.from_checkpoint(str(tmp_path), verbose=False)
+    assert model2.config.vision_stage == 2
+    for k, v in model2.vision.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    img = data.render(data.random_scene(np.random.default_rng(0)), np.random.default_rng(0))
+    idx = torch.tensor([[257, 5, 6, 7]])
+    pix = (torch.from_numpy(img).permute(2, 0, 1).float() / 255)[None, None]
+    with torch.no_grad():
+        assert torch.equal(model.eval()(pix, idx)[0], model2.eval()(pix, idx)[0])
