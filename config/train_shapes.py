@@ -7,7 +7,7 @@ clip = "shapes-rn"
 vision_stage = 2  # a CNN tower (open_clip ModifiedResNet) cut after stage 2: an 8 x 8 grid of tokens
 clip_pretrained = "out-shapes/pretrained/vision.safetensors"
 pretrain_shapes = True
-pretrain_lm_iters = 300
+pretrain_lm_iters = 600
 pretrain_vision_iters = 500
 
 tokenizer = "shapes"
