@@ -133,7 +133,7 @@ def shapes_encoding():
     answer a single choice. Byte fallback keeps any other text encodable. <|endoftext|> follows the merges."""
     import regex
     counts = {}
-    for i in range(2000):  # a fixed corpus: the merges must not change when KIND_MIX does
+    for i in range(2000):  # a fixed mix: the merges must not change when KIND_MIX does (they do if the scene rules do)
         text = shapes_sample("train", 0, i, mix=TOKENIZER_MIX)[0].replace(IMAGE, " ").replace(EOC, " ").replace(EOT, " ")
         for w in regex.findall(GPT2_SPLIT, text):
             counts[w.encode()] = counts.get(w.encode(), 0) + 1

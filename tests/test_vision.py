@@ -78,3 +78,22 @@ def test_pretrained_vision_loads_as_open_clip_weights(tmp_path):
     pix = (torch.from_numpy(img).permute(2, 0, 1).float() / 255)[None, None]
     with torch.no_grad():
         assert torch.equal(model.eval()(pix, idx)[0], model2.eval()(pix, idx)[0])
+
+
+def test_pretrained_lm_embeddings_start_large(tmp_path, monkeypatch):
+    """Stage 1's LM starts its token embeddings at N(0, embedding_std) (pretrain_shapes.py says why), and what
+    it saves loads back through LM.from_pretrained."""
+    seen = {}
+    real_init = torch.optim.AdamW.__init__
+
+    def spy(self, params, *a, **k):  # the embedding table as the optimizer first sees it, before any step
+        params = list(params)
+        seen["wte"] = [p.detach().clone() for p in params if p.dim() == 2 and p.shape[1] == 32][0]
+        real_init(self, params, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", spy)
+    lm = pretrain_shapes.pretrain_lm(str(tmp_path / "lm"), "bytes", iters=1, batch_size=2, block_size=64,
+                                     n_layer=1, n_embd=32, n_head=2, log=lambda *_: None)
+    assert abs(seen["wte"].std().item() - 0.5) < 0.02  # nanoGPT's init would give 0.02
+    again = LM.from_pretrained(str(tmp_path / "lm"))
+    assert torch.equal(again.transformer.wte.weight, lm.transformer.wte.weight)
