@@ -8,6 +8,7 @@ Read top to bottom:
    captions, questions and task-by-example sequences. Needs no network; it is the default.
 3. Sequences to tensors: tokenise, truncate, mask the labels (DESIGN.md section 7) and
    split a global batch deterministically over ranks and micro-steps.
+4. Files: a resumable, atomic downloader, and datasets kept in a folder (train.jsonl / test.jsonl).
 
 A *sample* is (text, images): `text` is markup, a string in which "<image>" marks where an
 image sits and "<|endofchunk|>" ends the text that belongs to it; `images` is a list of
@@ -15,6 +16,8 @@ uint8 arrays (H, W, 3), in the order of the <image> markers.
 """
 
 import functools
+import json
+import os
 
 import numpy as np
 import tiktoken
@@ -440,6 +443,141 @@ def get_batch(split, seed, step, micro_step, grad_accum, rank, world_size, batch
     else:
         samples = [shapes_sample(split, seed, i, kind, **opts) for i in indices]
     return collate(samples, tokenizer, block_size, mean, std)
+
+
+
+# -----------------------------------------------------------------------------
+# 4. Files: downloads, and datasets kept in a folder
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def download(url, path, size=None, sha256=None, retries=3, timeout=30):
+    """Fetch `url` into `path` with a progress bar, and return path.
+
+    Resumable: bytes arrive in path + ".part"; a retry, or a later call after an interrupted run, asks the
+    server for the rest (an HTTP Range request) and starts over only if the server ignores it. Atomic: the
+    file takes its name only when it is complete and verified (its announced length, and `size` / `sha256`
+    when given), so a partial file is never taken for a whole one. An existing `path` is trusted (and
+    checked against `size` when given). Raises DownloadError, saying what it tried, after `retries` failures.
+    """
+    import hashlib
+    import time
+    import requests
+    from tqdm import tqdm
+    if os.path.exists(path) and (size is None or os.path.getsize(path) == size):
+        return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    part, error = path + ".part", None
+    for attempt in range(retries):
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        try:
+            with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
+                              timeout=timeout) as r:
+                if r.status_code == 416:  # nothing left to send: the .part file is already whole
+                    break
+                r.raise_for_status()
+                if r.status_code != 206:  # the server sent the whole file
+                    have = 0
+                length = r.headers.get("Content-Length")
+                total = have + int(length) if length is not None else None
+                with open(part, "ab" if have else "wb") as f, \
+                        tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                    for block in r.iter_content(1 << 16):
+                        f.write(block)
+                        bar.update(len(block))
+            if total is not None and os.path.getsize(part) != total:
+                raise OSError(f"the connection closed after {os.path.getsize(part)} of {total} bytes")
+            break
+        except (requests.RequestException, OSError) as e:
+            error = e
+            if attempt + 1 < retries:
+                time.sleep(0.5 * 2 ** attempt)
+    else:
+        raise DownloadError(f"could not download {url} ({retries} tries): {error}")
+    got = os.path.getsize(part)
+    if size is not None and got != size:
+        os.remove(part)
+        raise DownloadError(f"{url}: {got} bytes, expected {size}; the partial file was removed")
+    if sha256 is not None:
+        h = hashlib.sha256()
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != sha256:
+            os.remove(part)
+            raise DownloadError(f"{url}: sha256 {h.hexdigest()}, expected {sha256}; the file was removed")
+    os.replace(part, path)
+    return path
+
+
+def folder_image(folder, name):
+    """The absolute path of image `name` of a dataset folder; ValueError when it is absolute or leaves the folder."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("no image path")
+    if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
+        raise ValueError(f"image path {name!r} leaves the folder")
+    path = os.path.join(os.path.abspath(folder), os.path.normpath(name))
+    if not os.path.isfile(path):
+        raise ValueError(f"image {name!r} not found")
+    return path
+
+
+def texts(value, field):
+    """A non-empty list of non-empty strings from a string or a list of them."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
+        raise ValueError(f"{field!r} must be a string or a list of strings")
+    items = [t.strip() for t in items if t.strip()]
+    if not items:
+        raise ValueError(f"empty {field!r}")
+    return items
+
+
+def read_folder(folder, split="train", kind=None, log=print):
+    """
+    The examples of `folder/{split}.jsonl`, one JSON object per line, image paths relative to the folder:
+      captions  {"image": "a.jpg", "captions": ["a red circle", ...]}      (a single string is accepted)
+      vqa       {"image": "a.jpg", "question": "what color?", "answers": ["red", ...]}
+    -> a list of dicts: id ("{split}:{line}" unless the line has an "id"), image (absolute path), and
+    captions, or question and answers. With `kind` set, lines of the other kind are skipped. A bad line
+    (not JSON, a missing or empty field, an image path that leaves the folder or a missing image) is
+    skipped and reported with its file and line number; no usable line at all is an error.
+    """
+    path = os.path.join(folder, f"{split}.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: a dataset folder holds train.jsonl and test.jsonl (README)")
+    examples, skipped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"not JSON ({e.msg})") from None
+                if not isinstance(d, dict):
+                    raise ValueError("not a JSON object")
+                line_kind = "vqa" if "question" in d else "captions" if "captions" in d else None
+                if line_kind is None or (kind is not None and line_kind != kind):
+                    raise ValueError(f"not a {kind or 'captions or vqa'} line (fields: {sorted(d)})")
+                ex = {"id": d.get("id", f"{split}:{n}"), "image": folder_image(folder, d.get("image"))}
+                if line_kind == "vqa":
+                    ex["question"] = texts(d["question"], "question")[0]
+                    ex["answers"] = texts(d.get("answers", d.get("answer")), "answers")
+                else:
+                    ex["captions"] = texts(d["captions"], "captions")
+                examples.append(ex)
+            except (ValueError, TypeError) as e:
+                skipped += 1
+                log(f"{path}:{n}: skipped: {e}")
+    if skipped:
+        log(f"{path}: {len(examples)} examples, {skipped} lines skipped")
+    if not examples:
+        raise ValueError(f"{path}: no usable {kind or 'captions or vqa'} example ({skipped} lines skipped)")
+    return examples
 
 
 if __name__ == "__main__":  # python data.py: a few samples and the render speed

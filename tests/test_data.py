@@ -1,5 +1,7 @@
 """Tests for data.py: tokenizers, the shapes world, label masking and the distributed batch order. CPU, no network."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -277,3 +279,78 @@ def test_shapes_tokenizer_words_and_markup():
     assert tok.encode_markup("<image>Output:red<|endofchunk|>")[0] == tok.image_id
     # learned deterministically: two builds give the same merges
     assert data.shapes_encoding()._mergeable_ranks == tok.enc._mergeable_ranks
+
+
+# -----------------------------------------------------------------------------
+# data.download against a local HTTP server: resume, atomicity, verification, a clear error when unreachable
+
+def serve(payload, cut_first_at=None):
+    """A server on 127.0.0.1 for one file that honours Range requests; the first response can break off early.
+    Returns (url, requests seen as a list of Range headers, shutdown)."""
+    import http.server
+    import threading
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            rng = self.headers.get("Range")
+            seen.append(rng)
+            start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+            body = payload[start:]
+            self.send_response(206 if rng else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if cut_first_at is not None and len(seen) == 1:
+                self.wfile.write(body[:cut_first_at])  # then the connection drops
+                self.wfile.flush()
+                self.connection.shutdown(2)
+                return
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}/file.bin", seen, server.shutdown
+
+
+def test_download_resumes_an_interrupted_transfer(tmp_path):
+    import hashlib
+    payload = bytes(range(256)) * 4000  # ~1 MB
+    url, seen, stop = serve(payload, cut_first_at=300_000)
+    try:
+        path = str(tmp_path / "sub" / "file.bin")
+        data.download(url, path, size=len(payload), sha256=hashlib.sha256(payload).hexdigest(), retries=3)
+        assert open(path, "rb").read() == payload and not os.path.exists(path + ".part")
+        assert seen[0] is None and len(seen) == 2  # the retry asked only for the rest, from what had arrived
+        assert 0 < int(seen[1][len("bytes="):-1]) <= 300_000
+        data.download(url, path, size=len(payload))  # already there: no request
+        assert len(seen) == 2
+    finally:
+        stop()
+
+
+def test_download_never_leaves_a_partial_file_under_the_real_name(tmp_path):
+    payload = b"x" * 10_000
+    url, seen, stop = serve(payload)
+    try:
+        path = str(tmp_path / "f.bin")
+        with pytest.raises(data.DownloadError, match="sha256"):
+            data.download(url, path, sha256="0" * 64)
+        assert not os.path.exists(path) and not os.path.exists(path + ".part")
+    finally:
+        stop()
+
+
+def test_download_unreachable_fails_fast_and_clearly(tmp_path):
+    import socket
+    import time
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    t0 = time.time()
+    with pytest.raises(data.DownloadError, match=f"127.0.0.1:{port}.*3 tries"):
+        data.download(f"http://127.0.0.1:{port}/x.zip", str(tmp_path / "x.zip"))
+    assert time.time() - t0 < 10 and not os.path.exists(tmp_path / "x.zip")
