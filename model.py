@@ -22,6 +22,7 @@ from dataclasses import dataclass, asdict, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from resampler import PerceiverResampler
 from xattn import GatedCrossAttentionBlock
@@ -288,6 +289,19 @@ class LM(nn.Module):
                             tie_word_embeddings=hf.get("tie_word_embeddings", False))
         raise NotImplementedError(f"model_type {mt!r}: supported are gpt2, llama, qwen2, mistral")
 
+    @staticmethod
+    def config_of(path_or_hub_id) -> LMConfig:
+        """An LM's architecture without its weights or the network: the config.json of a local directory, else
+        the table KNOWN_LMS (below). For train.py's dry run, which builds the model on the meta device."""
+        path = os.path.join(path_or_hub_id, "config.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return LM.config_from_hf(json.load(f))
+        if path_or_hub_id in KNOWN_LMS:
+            return LM.config_from_hf(KNOWN_LMS[path_or_hub_id])
+        raise FileNotFoundError(f"no {path} and {path_or_hub_id!r} is not in model.KNOWN_LMS "
+                                f"({', '.join(KNOWN_LMS)}): pass a local checkpoint directory")
+
     @classmethod
     def from_pretrained(cls, path_or_hub_id, dtype=None, device="cpu"):
         """A Hugging Face decoder checkpoint -> LM, every tensor mapped explicitly and checked.
@@ -313,6 +327,24 @@ class LM(nn.Module):
         if cfg.arch == "llama":
             model.inv_freq = rope_frequencies(cfg)
         return model.to(device)
+
+
+# The config.json of some public LMs (only the fields config_from_hf reads), so that a dry run can build them
+# on the meta device offline (LM.config_of). Never used to load weights: from_pretrained reads the real file.
+# Not here yet: OpenFlamingo-9B's "anas-awadalla/mpt-7b" (d 4096, 32 layers, vocab 50432): config_from_hf has
+# no MPT, so config/9b.py uses Llama-2-7B, the same width and depth.
+KNOWN_LMS = {
+    "gpt2": dict(model_type="gpt2", vocab_size=50257, n_layer=12, n_head=12, n_embd=768, n_positions=1024,
+                 layer_norm_epsilon=1e-5, activation_function="gelu_new", tie_word_embeddings=True),
+    "HuggingFaceTB/SmolLM2-135M": dict(
+        model_type="llama", vocab_size=49152, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        hidden_size=576, intermediate_size=1536, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        rope_theta=100000.0, hidden_act="silu", tie_word_embeddings=True),
+    "meta-llama/Llama-2-7b-hf": dict(
+        model_type="llama", vocab_size=32000, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+        hidden_size=4096, intermediate_size=11008, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False),
+}
 
 
 def save_pretrained(lm: LM, path):
@@ -493,7 +525,9 @@ class VisionEncoder(nn.Module):
         _register_clip_configs()
         logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip is chatty
         try:
-            clip = open_clip.create_model(name, pretrained=pretrained)
+            # open_clip moves the model to `device` at the end: under `with torch.device("meta")` that must be
+            # meta too (a dry run: nothing allocated), where .to("cpu") would fail
+            clip = open_clip.create_model(name, pretrained=pretrained, device=torch.get_default_device())
         except RuntimeError as e:
             raise RuntimeError(f"open_clip could not build {name!r} with weights {pretrained!r}: {e}\n"
                                "Offline? Pass a local weights file as clip_pretrained.") from None
@@ -583,12 +617,29 @@ class Flamingo(nn.Module):
         # Freezing is decided once, here: the optimizer only ever sees what requires grad.
         self.lm.requires_grad_(not cfg.freeze_lm)
         self.vision.requires_grad_(not cfg.freeze_vision)
+        # Recompute each LM layer (and the gated block before it) in the backward pass instead of keeping its
+        # activations (torch.utils.checkpoint): a training setting, switched on by train.py, not saved.
+        self.activation_checkpointing = False
         self.train()
-        if verbose:
-            trained = sum(p.numel() for p in self.parameters() if p.requires_grad)
-            frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
-            print(f"Flamingo: {trained / 1e6:.2f}M trained parameters, {frozen / 1e6:.2f}M frozen "
-                  f"({len(self.xattn)} xattn blocks over {lm.config.n_layer} LM layers)")
+        if verbose:  # trained and frozen parameters, part by part
+            counts = self.parameter_counts()
+            print(f"{'Flamingo':<48}{'trained':>15}{'frozen':>15}")
+            for part, name in [("vision", f"vision encoder {cfg.clip}"), ("lm", f"LM {cfg.lm}"),
+                               ("perceiver", f"resampler ({cfg.resampler_depth} layers, {cfg.num_latents} latents)"),
+                               ("xattn", f"gated xattn blocks ({len(self.xattn)} of {lm.config.n_layer} layers)"),
+                               ("new_tokens", "new token rows (<image>, <|endofchunk|>)"), ("total", "total")]:
+                t, f = counts.get(part, (0, 0))
+                print(f"{name:<48}{t:>15,}{f:>15,}")
+
+    def parameter_counts(self):
+        """{part: (trained, frozen)} parameter counts of the parts vision, lm, perceiver, xattn, new_tokens, and their
+        total. A tied weight (GPT-2's lm_head is its wte) counts once."""
+        counts = {}
+        for name, p in self.named_parameters():
+            for part in ("new_tokens" if name.startswith("new_") else name.split(".")[0], "total"):
+                t, f = counts.get(part, (0, 0))
+                counts[part] = (t + p.numel(), f) if p.requires_grad else (t, f + p.numel())
+        return counts
 
     def train(self, mode=True):
         super().train(mode)
@@ -605,6 +656,13 @@ class Flamingo(nn.Module):
         lm_model = LM.from_pretrained(lm, dtype=dtype)
         vision = VisionEncoder(clip, clip_pretrained, ln_post=cfg.vision_ln_post, stage=cfg.vision_stage)
         return cls(lm_model, vision, cfg, verbose=verbose)
+
+    @classmethod
+    def from_config(cls, cfg: FlamingoConfig, lm_config: LMConfig, verbose=False):
+        """A Flamingo of random weights: the LM lm_config and the tower cfg.clip, with no file read (not even
+        cfg.clip_pretrained). Under `with torch.device("meta")` nothing is allocated either: train.py's dry run."""
+        vision = VisionEncoder(cfg.clip, None, ln_post=cfg.vision_ln_post, stage=cfg.vision_stage)
+        return cls(LM(lm_config), vision, cfg, verbose=verbose)
 
     # -------------------------------------------------------------------------
     # Forward: images -> visual tokens, then the LM's layers with the gated blocks in between
@@ -663,10 +721,17 @@ class Flamingo(nn.Module):
         pos = torch.arange(past, past + idx.shape[1], device=idx.device)
         x = lm.embed(self.embed_tokens(idx), pos)            # (B, T, C)
         rope = lm.rope(pos)
-        for i, block in enumerate(lm.transformer.h):
+
+        def layer(x, i):  # the gated block before LM layer i, if there is one, then the layer
             if str(i) in self.xattn:
                 x = self.xattn[str(i)](x, text_time, kvs.get(str(i)), R)
-            x = block(x, rope, None if caches is None else caches[i])
+            return lm.transformer.h[i](x, rope, None if caches is None else caches[i])
+
+        for i in range(lm.config.n_layer):
+            if self.activation_checkpointing and torch.is_grad_enabled():  # keep only x; recompute in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, i, use_reentrant=False)
+            else:
+                x = layer(x, i)
         h = lm.transformer.ln_f(x)
         return torch.cat([lm.lm_head(h), h @ self.new_lm_head.to(h.dtype).t()], dim=-1)  # (B, T, V + 2)
 

@@ -8,6 +8,10 @@ Several processes (DDP), on one node or many, through torchrun's environment var
 
     torchrun --standalone --nproc_per_node=8 train.py config/train_shapes.py
 
+The sizes and memory per GPU of a config, offline, in seconds, without reading a weight or training:
+
+    python train.py config/9b.py --dry_run=True
+
 `gradient_accumulation_steps` is per process: the global batch is batch_size * gradient_accumulation_steps
 * world_size samples, and its content depends only on the data seed and the step, so 2 processes with
 accumulation 1 follow exactly the run of 1 process with accumulation 2.
@@ -16,6 +20,7 @@ accumulation 1 follow exactly the run of 1 process with accumulation 2.
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 
@@ -24,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from model import Flamingo
+from model import LM, Flamingo, FlamingoConfig, LMConfig
 
 # -----------------------------------------------------------------------------
 # default config values (a config file and --key=value overrides change them: configurator.py)
@@ -54,16 +59,19 @@ pretrain_shapes = False       # make lm and clip_pretrained first if missing (pr
 pretrain_lm_iters = 600
 pretrain_vision_iters = 500
 vision_stage = None           # ResNet towers: the stage whose feature map is the grid of visual tokens
+vision_ln_post = True         # ViT towers: False takes the patch tokens before the final LayerNorm (OpenFlamingo)
 cross_attn_every_n_layers = 1
 resampler_depth = 6
 resampler_heads = 8
 resampler_dim_head = 64
 num_latents = 64
+max_num_frames = 1            # the resampler's time embeddings: videos of up to this many frames; 0 = none (OpenFlamingo)
 xattn_heads = 8
 xattn_dim_head = 64
 only_attend_immediate_media = True
 freeze_lm = True
 freeze_vision = True
+activation_checkpointing = False  # recompute each LM layer in the backward pass: far less memory, ~1/3 more compute
 # optimizer: AdamW, warmup then cosine decay
 learning_rate = 1e-4
 max_iters = 1000
@@ -81,12 +89,63 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 compile = False
 backend = "nccl" if torch.cuda.is_available() else "gloo"
+fsdp = False                  # shard weights, gradients and optimizer state over processes: not yet (dry runs only)
 seed = 1337
+dry_run = False               # build the model on the meta device, print its sizes and memory per GPU, then exit
+dry_run_world_size = 8        # the number of processes (GPUs) a dry run estimates for
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 config = configure(globals())
 lr_decay_iters = lr_decay_iters or max_iters
 min_lr = learning_rate / 10 if min_lr is None else min_lr
+flamingo_options = dict(
+    cross_attn_every_n_layers=cross_attn_every_n_layers, resampler_depth=resampler_depth,
+    resampler_heads=resampler_heads, resampler_dim_head=resampler_dim_head, num_latents=num_latents,
+    max_num_frames=max_num_frames, xattn_heads=xattn_heads, xattn_dim_head=xattn_dim_head,
+    only_attend_immediate_media=only_attend_immediate_media, freeze_lm=freeze_lm, freeze_vision=freeze_vision,
+    vision_ln_post=vision_ln_post, vision_stage=vision_stage)
+# -----------------------------------------------------------------------------
+# --dry_run=True: the model built on the meta device (no weights read or allocated), its sizes and an estimate of
+# the memory per GPU of this run; then exit, before any data, optimizer or training.
+if dry_run:
+    if pretrain_shapes and not os.path.exists(os.path.join(lm, "config.json")):
+        # stage 1 has not run yet (and does not run here): the GPT-2 that pretrain_shapes.pretrain_lm would make
+        # (tests/test_dry_run.py checks that the two agree)
+        print(f"{lm} does not exist yet: counting the LM that stage 1 (pretrain_shapes.py) would make")
+        lm_config = LMConfig(arch="gpt2", vocab_size=data.get_tokenizer(tokenizer).base_n_vocab, n_layer=4, n_head=4,
+                             n_embd=64, block_size=512)
+    else:
+        lm_config = LM.config_of(lm)  # a local config.json, else model.KNOWN_LMS: no download
+    with torch.device("meta"):  # prints the parameters of each part
+        model = Flamingo.from_config(FlamingoConfig(lm=lm, clip=clip, clip_pretrained=clip_pretrained,
+                                                    **flamingo_options), lm_config, verbose=True)
+    trained, frozen = model.parameter_counts()["total"]
+    # Memory per GPU, a rough estimate in GB (1e9 bytes). Weights: the frozen ones in the autocast dtype (b bytes: 2
+    # for bf16, 4 for fp32; candid: train.py does not cast them yet, they keep their checkpoint's dtype), the trained
+    # ones 16 bytes each (fp32 weight, gradient and AdamW's 2 tensors); FSDP shards all of them over the processes,
+    # DDP keeps a whole copy on each (its gradient buckets not counted). Activations kept for the backward pass, in
+    # the autocast dtype, for BT = batch_size x block_size tokens of width C: about 16 values per token and unit of
+    # width in each LM layer and each gated block (Korthikanti et al. 2022, "Reducing Activation Recomputation",
+    # without dropout and with fused attention: no T x T matrix); with activation checkpointing only each layer's
+    # input (1 value) plus one LM layer and gated block recomputed (32); plus the logits, BT x (V + 2), in fp32 for
+    # the loss and its gradient (8 bytes). Left out: the resampler's activations (small next to the LM's at a few
+    # images per row), the frozen vision encoder (no gradients), CUDA's own overhead.
+    b = 4 if dtype == "float32" else 2
+    ws = dry_run_world_size if fsdp else 1
+    BT, C, L = batch_size * block_size, lm_config.n_embd, lm_config.n_layer
+    weights_gb = (frozen * b + trained * 16) / ws / 1e9
+    values = L + 32 if activation_checkpointing else 16 * (L + len(model.xattn))  # (BT, C) values per token
+    acts_gb = (values * BT * C * b + BT * (lm_config.vocab_size + 2) * 8) / 1e9
+    mem = weights_gb + acts_gb
+    print(f"memory per GPU ({f'FSDP over {ws}' if fsdp else 'DDP'}, {dtype}, batch {batch_size} x {block_size} "
+          f"tokens{', activation checkpointing' if activation_checkpointing else ''}): "
+          f"weights {weights_gb:.2f} GB + activations {acts_gb:.2f} GB = {mem:.2f} GB (a rough estimate)")
+    print(json.dumps({"total_params": trained + frozen, "trained_params": trained, "memory_per_gpu_gb": round(mem, 2)}))
+    sys.exit(0)
+if fsdp:
+    raise NotImplementedError("FSDP: not yet (fsdp=True only changes the memory estimate of --dry_run=True)")
+if dataset != "shapes":
+    raise NotImplementedError(f"dataset {dataset!r}: train.py reads only the shapes world so far")
 # -----------------------------------------------------------------------------
 
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -121,15 +180,11 @@ else:
                      vision_stage)
         if ddp:
             dist.barrier()
-    model = Flamingo.from_pretrained(
-        lm=lm, clip=clip, clip_pretrained=clip_pretrained, cross_attn_every_n_layers=cross_attn_every_n_layers,
-        resampler_depth=resampler_depth, resampler_heads=resampler_heads, resampler_dim_head=resampler_dim_head,
-        num_latents=num_latents, xattn_heads=xattn_heads, xattn_dim_head=xattn_dim_head,
-        only_attend_immediate_media=only_attend_immediate_media, freeze_lm=freeze_lm, freeze_vision=freeze_vision,
-        vision_stage=vision_stage,
-        verbose=master)
+    model = Flamingo.from_pretrained(lm=lm, clip=clip, clip_pretrained=clip_pretrained, verbose=master,
+                                     **flamingo_options)
     checkpoint, iter_num, best_val_loss = None, 0, float("inf")
 model.to(device)
+model.activation_checkpointing = activation_checkpointing
 tok = data.get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size)
 assert (tok.image_id, tok.eoc_id) == (model.media_token_id, model.eoc_token_id)
 mean, std = model.vision.mean, model.vision.std

@@ -1,0 +1,65 @@
+# Flamingo-9B with OpenFlamingo-9B's layout (DESIGN sections 7 and 9): CLIP ViT-L/14 and a 7B LM, both frozen, a
+# GATED XATTN-DENSE block before every 4th LM layer. Sizes and memory per GPU, offline, in seconds:
+#
+#   python train.py config/9b.py --dry_run=True
+#
+# and the run itself, one node of 8 GPUs with 80 GB each (more nodes: torchrun's --nnodes and --rdzv_endpoint):
+#
+#   torchrun --standalone --nproc_per_node=8 train.py config/9b.py
+#
+# Candid: train.py cannot run this yet. It reads only the shapes world (no LAION / MMC4 mix) and has no tokenizer
+# for Llama-2 (SentencePiece); the dry run needs neither.
+out_dir = "out-9b"
+eval_interval = 1000
+eval_iters = 20
+log_interval = 10
+
+# The frozen LM. OpenFlamingo-9B's is MPT-7B ("anas-awadalla/mpt-7b": d 4096, 32 layers), which model.py cannot
+# load yet (no MPT family); until then a Llama-family 7B of the same width and depth. Its architecture is in
+# model.KNOWN_LMS, so the dry run builds it without the hub; training downloads it (or takes a local directory).
+lm = "meta-llama/Llama-2-7b-hf"
+tokenizer = "meta-llama/Llama-2-7b-hf"  # not in data.get_tokenizer yet (SentencePiece, not byte-level BPE)
+
+# The frozen vision encoder: CLIP ViT-L/14 with OpenAI's weights (width 1024, 16 x 16 = 256 patch tokens at 224 px),
+# its patch tokens taken before the final LayerNorm as OpenFlamingo's models saw them (DESIGN section 9).
+clip = "ViT-L-14"
+clip_pretrained = "openai"
+vision_ln_post = False
+
+# The trained parts, OpenFlamingo-9B's sizes: a resampler of the vision width (1024), depth 6, 8 heads x 64, 64
+# latents and no time embeddings (images only); a gated block before LM layers 3, 7, ..., 31 (8 blocks), 8 heads x 64.
+cross_attn_every_n_layers = 4
+resampler_depth = 6
+resampler_heads = 8
+resampler_dim_head = 64
+num_latents = 64
+max_num_frames = 0
+xattn_heads = 8
+xattn_dim_head = 64
+
+# Data: LAION-2B pairs and MMC4 documents (DESIGN section 7), once train.py reads them (it refuses this name until
+# then). Rows of 256 tokens (OpenFlamingo's MMC4 limit). Per GPU 8 rows x 4 micro-steps: 8 GPUs make a global batch
+# of 256 (OpenFlamingo's MMC4 batch; its LAION batch of 512 waits for data mixing).
+dataset = "laion_mmc4"
+block_size = 256
+batch_size = 8
+gradient_accumulation_steps = 4
+
+# Optimizer: OpenFlamingo's constant learning rate of 1e-4 after a 5000-step warmup, weight decay 0.1.
+# 20k steps x 256 = 5M samples, about the MMC4 samples of OpenFlamingo's first 9B model.
+learning_rate = 1e-4
+decay_lr = False
+warmup_iters = 5000
+max_iters = 20000
+weight_decay = 0.1
+grad_clip = 1.0
+
+# System: bf16 autocast (the frozen weights are counted in bf16 by the dry run), activation checkpointing (each LM
+# layer recomputed in the backward pass: the 9B fits an 80 GB GPU with DDP). fsdp = True shards the weights,
+# gradients and optimizer state over the GPUs for smaller ones: only the dry run's estimate knows it yet.
+device = "cuda"
+dtype = "bfloat16"
+activation_checkpointing = True
+fsdp = False
+compile = False  # not tried at this size yet
+dry_run_world_size = 8  # the GPUs the dry run's FSDP estimate divides by

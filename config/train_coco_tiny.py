@@ -1,0 +1,48 @@
+# A toy COCO run on a laptop (DESIGN section 1, use 1): OpenAI's CLIP ViT-B/32 and GPT-2 (124M), both pretrained and
+# frozen; the resampler, the gated blocks and the two new token rows learn to caption COCO images.
+#
+#   python train.py config/train_coco_tiny.py --dry_run=True   # sizes and memory: offline, no data, seconds
+#   python train.py config/train_coco_tiny.py                  # the run (downloads GPT-2, CLIP and COCO once)
+#
+# Candid: not run yet. train.py has no COCO reader yet (it refuses dataset "coco" until it has), and "about an hour"
+# is estimated, not measured: one step of 8 rows x 64 tokens is ~0.6 TFLOP (the frozen GPT-2 forward and backward
+# for the gradients below it, the trained parts, ~20 ViT-B/32 images), ~13 s on this project's shared 2-core CPU,
+# a few seconds on a laptop CPU of 8 cores or less on an Apple GPU (device = "mps", untested).
+out_dir = "out-coco-tiny"
+eval_interval = 250            # evaluate (and save) every this many steps
+eval_iters = 10                # validation batches per evaluation
+log_interval = 10
+
+# data: COCO captions as `<image>Output:{caption}<|endofchunk|>` (DESIGN sections 7 and 8)
+dataset = "coco"
+tokenizer = "gpt2"             # GPT-2's BPE (tiktoken downloads it once; offline: TIKTOKEN_CACHE_DIR)
+block_size = 64                # tokens per row: a caption is ~20 tokens with its markup, so 2-3 captions a row
+batch_size = 8                 # rows per step; more rows learn faster per step but each step is slower
+gradient_accumulation_steps = 1
+
+# the frozen pretrained parts
+lm = "gpt2"                    # GPT-2 124M: a hub id (downloaded once) or a local Hugging Face directory
+clip = "ViT-B-32"              # open_clip model name: width 768, 7 x 7 = 49 patch tokens at 224 px
+clip_pretrained = "openai"     # open_clip tag or a local weights file (offline)
+
+# the trained parts, small: a gated block before every 2nd GPT-2 layer (6 blocks; 1 = all 12, twice the cost),
+# a 2-layer resampler with 64 latents; about 50M trained parameters in all
+cross_attn_every_n_layers = 2
+resampler_depth = 2
+resampler_heads = 8
+resampler_dim_head = 64
+num_latents = 64
+xattn_heads = 8
+xattn_dim_head = 64
+
+# optimizer: guesses, not tuned. A short run needs its gates open early (the shapes run's lesson): gate_lr_mult
+learning_rate = 3e-4
+max_iters = 1500               # about an hour (estimated above)
+warmup_iters = 100
+weight_decay = 0.1
+gate_lr_mult = 10.0
+
+# system: "cpu", "mps" (Apple GPU) or "cuda"; float32 on a CPU, "bfloat16" on a recent GPU
+device = "cpu"
+dtype = "float32"
+compile = False
