@@ -587,6 +587,28 @@ def read_folder(folder, split="train", kind=None, log=print):
     return examples
 
 
+def write_shapes_folder(root, kind="vqa", n_train=200, n_test=200, task_kind="color", seed=0):
+    """A dataset folder (the format read_folder reads) drawn from the shapes world, for trying eval.py's
+    --task=vqa / --task=captions offline. kind "vqa": a question of a random type per image; "captions": the
+    task-by-example answer of `task_kind` (color, shape, size, position) of single-object images. Scenes come
+    from generators seeded apart from the training, validation and test splits."""
+    from PIL import Image
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        rng = np.random.default_rng([seed, 77, 0 if split == "train" else 1])
+        with open(os.path.join(root, f"{split}.jsonl"), "w") as f:
+            for i in range(n):
+                scene = random_scene(rng, n_objects=None if kind == "vqa" else 1)
+                name = f"images/{split}{i:05d}.png"
+                Image.fromarray(render(scene, rng)).save(os.path.join(root, name))
+                if kind == "vqa":
+                    q, a = question(scene, str(rng.choice(QUESTION_TYPES)), rng)
+                    line = {"image": name, "question": q, "answers": [a]}
+                else:
+                    line = {"image": name, "captions": [task_answer(scene, task_kind)]}
+                f.write(json.dumps(line) + "\n")
+    return root
+
 # -----------------------------------------------------------------------------
 # 5. Real data: tar shards (webdataset layout)
 #
@@ -808,6 +830,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
 
 if __name__ == "__main__":  # python data.py: a few samples and the render speed
+    import sys
+    if sys.argv[1:2] == ["folder"]:  # python data.py folder OUT [vqa|captions] [color|shape|size|position]
+        write_shapes_folder(sys.argv[2], *sys.argv[3:4], **dict(zip(["task_kind"], sys.argv[4:5])))
+        print(f"wrote {sys.argv[2]}/train.jsonl, test.jsonl and images/")
+        sys.exit()
     import timeit
     for i in range(4):
         text, images = shapes_sample("train", 0, i)

@@ -277,3 +277,11 @@ def test_command_line_rices_caches_features(ckpt, tmp_path):
     stamp = {f: os.path.getmtime(os.path.join(cache, f)) for f in files}
     run_eval(*args)  # the second run reads the cache
     assert {f: os.path.getmtime(os.path.join(cache, f)) for f in os.listdir(cache)} == stamp
+
+
+def test_shapes_folder_reads_back(tmp_path):
+    root = data.write_shapes_folder(str(tmp_path / "v"), "vqa", n_train=5, n_test=3)
+    test = data.read_folder(root, "test", "vqa", log=lambda m: None)
+    assert len(test) == 3 and all(os.path.isfile(e["image"]) and e["question"] and e["answers"] for e in test)
+    root = data.write_shapes_folder(str(tmp_path / "c"), "captions", n_train=4, n_test=2, task_kind="shape")
+    assert all(e["captions"][0] in data.SHAPES for e in data.read_folder(root, "train", "captions", log=lambda m: None))
