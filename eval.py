@@ -23,6 +23,7 @@ Read top to bottom:
 5. The command line: a tqdm bar per run, a table, and a JSON list of records.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -380,11 +381,18 @@ def build_prompt(kind, tok, demos, query, zero_shot=False):
     return ids + chunk(kind, tok, query, demo=False), images + [query["image"]]
 
 
-def load_images(paths, vision):
-    """Image files -> (N, 1, 3, H, W) with CLIP's evaluation preprocessing (resize, centre crop, normalise)."""
+@functools.lru_cache(maxsize=4)
+def clip_transform(image_size, mean, std):
+    """CLIP's evaluation preprocessing (resize the short side, centre crop, normalise), built once."""
     import open_clip
+    return open_clip.image_transform(image_size, is_train=False, mean=mean, std=std)
+
+
+def load_images(paths, vision):
+    """Image files -> (N, 1, 3, H, W) with CLIP's evaluation preprocessing."""
     from PIL import Image
-    preprocess = open_clip.image_transform(vision.image_size, is_train=False, mean=vision.mean, std=vision.std)
+    size = tuple(vision.image_size) if isinstance(vision.image_size, list) else vision.image_size  # hashable
+    preprocess = clip_transform(size, tuple(vision.mean), tuple(vision.std))
     out = []
     for p in paths:
         with Image.open(p) as im:
