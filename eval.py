@@ -222,18 +222,18 @@ HATEFUL = "<image>is an image with: '{text}' written on it. Is it hateful? Answe
 CLASS_NAMES = ("no", "yes")  # HatefulMemes labels 0 and 1, ranked by the model
 
 
-def find_file(root, name):
+def find_file(root, name, benchmark):
     """root/name or root/*/name (archives unpack into a folder of their own)."""
     for path in [os.path.join(root, name)] + [os.path.join(root, d, name) for d in sorted(os.listdir(root))
                                                if os.path.isdir(os.path.join(root, d))]:
         if os.path.isfile(path):
             return path
     raise FileNotFoundError(f"{name} not found in {root} or its subfolders; "
-                            f"`python eval.py --download={task} --data_dir={root}` fetches it where it is public")
+                            f"`python eval.py --download={benchmark} --data_dir={root}` fetches it where it is public")
 
 
-def load_json(root, name):
-    with open(find_file(root, name), encoding="utf-8") as f:
+def load_json(root, name, benchmark):
+    with open(find_file(root, name, benchmark), encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -241,7 +241,7 @@ def read_karpathy(root, name):
     """COCO or Flickr30K captions in Karpathy's split file (dataset_coco.json / dataset_flickr30k.json):
     the "train" images are the demonstration pool and the "test" images the test set, as OpenFlamingo."""
     out = {"train": [], "test": []}
-    for im in load_json(root, f"dataset_{name}.json")["images"]:
+    for im in load_json(root, f"dataset_{name}.json", name)["images"]:
         if im["split"] in out:
             folder = im.get("filepath", "flickr30k-images")  # COCO's entries name their folder (train2014, val2014)
             out[im["split"]].append({"id": im.get("cocoid", im.get("imgid")), "image": os.path.join(root, folder, im["filename"]),
@@ -249,11 +249,12 @@ def read_karpathy(root, name):
     return out["train"], out["test"]
 
 
-def read_vqa_pair(root, questions, annotations, image):
+def read_vqa_pair(root, questions, annotations, image, benchmark):
     """VQA-format files (VQAv2, OK-VQA): questions {"questions": [...]}, annotations {"annotations": [...]}."""
-    answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in load_json(root, annotations)["annotations"]}
+    answers = {a["question_id"]: [x["answer"] for x in a["answers"]]
+               for a in load_json(root, annotations, benchmark)["annotations"]}
     return [{"id": q["question_id"], "image": image(q["image_id"]), "question": q["question"],
-             "answers": answers[q["question_id"]]} for q in load_json(root, questions)["questions"]]
+             "answers": answers[q["question_id"]]} for q in load_json(root, questions, benchmark)["questions"]]
 
 
 def read_task(name, root):
@@ -266,24 +267,31 @@ def read_task(name, root):
         prefix = "v2_" if name == "vqav2" else ""
         split = [read_vqa_pair(root, f"{prefix}OpenEnded_mscoco_{s}2014_questions.json",
                                f"{prefix}mscoco_{s}2014_annotations.json",
-                               lambda i, s=s: os.path.join(root, f"{s}2014", f"COCO_{s}2014_{i:012d}.jpg"))
+                               lambda i, s=s: os.path.join(root, f"{s}2014", f"COCO_{s}2014_{i:012d}.jpg"), name)
                  for s in ("train", "val")]
         return (*split, "vqa")
     if name == "textvqa":  # TextVQA 0.5.1; train and val images both live in train_images/
         split = [[{"id": d["question_id"], "image": os.path.join(root, "train_images", d["image_id"] + ".jpg"),
                    "question": d["question"], "answers": d["answers"]}
-                  for d in load_json(root, f"TextVQA_0.5.1_{s}.json")["data"]] for s in ("train", "val")]
+                  for d in load_json(root, f"TextVQA_0.5.1_{s}.json", name)["data"]] for s in ("train", "val")]
         return (*split, "vqa")
     if name == "vizwiz":
         split = [[{"id": d["image"], "image": os.path.join(root, s, d["image"]), "question": d["question"],
-                   "answers": [a["answer"] for a in d["answers"]]} for d in load_json(root, f"{s}.json")]
+                   "answers": [a["answer"] for a in d["answers"]]} for d in load_json(root, f"{s}.json", name)]
                  for s in ("train", "val")]
         return (*split, "vqa")
     if name == "hateful_memes":  # train.jsonl; the test set is test_seen.jsonl when present, else dev_seen.jsonl
         def lines(file):
-            with open(find_file(root, file), encoding="utf-8") as f:
-                return [{"id": d["id"], "image": os.path.join(root, d["img"]), "text": d["text"], "label": int(d["label"])}
-                        for d in map(json.loads, f) if "label" in d]
+            out, path = [], find_file(root, file, name)
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    try:
+                        d = json.loads(line)
+                        out.append({"id": d["id"], "image": os.path.join(root, d["img"]), "text": d["text"],
+                                    "label": int(d["label"])})
+                    except (ValueError, KeyError, TypeError) as e:  # also the unlabelled test_unseen lines
+                        print(f"{path}:{n}: skipped: {type(e).__name__} {e}")
+            return out
         test_file = "test_seen.jsonl" if os.path.exists(os.path.join(root, "test_seen.jsonl")) else "dev_seen.jsonl"
         return lines("train.jsonl"), lines(test_file), "classification"
     raise ValueError(f"unknown task {name!r}; known: shapes, {', '.join(BENCHMARKS)}, captions, vqa")
@@ -412,19 +420,41 @@ def image_features(model, examples, cache_dir, label, batch_size=64):
     path = os.path.join(cache_dir, f"{label}-{key}.pt")
     if os.path.exists(path):
         return torch.load(path, weights_only=True)
-    feats = []
+    feats, bad = [], 0
     for i in tqdm(range(0, len(examples), batch_size), desc=f"RICES features ({label})"):
-        x = load_images([e["image"] for e in examples[i:i + batch_size]], model.vision).to(device)
-        feats.append(torch.nn.functional.normalize(model.vision(x[:, 0]).float().mean(1), dim=-1).cpu())
-    feats = torch.cat(feats)
+        batch = examples[i:i + batch_size]
+        try:
+            x = load_images([e["image"] for e in batch], model.vision).to(device)        # (n, 1, 3, H, W)
+        except (OSError, ValueError):  # an unreadable image in this batch: one at a time, a zero row for it
+            rows = []
+            for e in batch:
+                try:
+                    rows.append(load_images([e["image"]], model.vision)[0])
+                except (OSError, ValueError):
+                    rows.append(None)
+                    bad += 1
+            f = [None if r is None else image_features_of(model, r[None].to(device))[0] for r in rows]
+            feats.append(torch.stack([torch.zeros(model.vision.width) if v is None else v for v in f]))
+            continue
+        feats.append(image_features_of(model, x))
+    if bad:
+        print(f"RICES ({label}): {bad} unreadable images get no similarity and are never chosen")
+    feats = torch.cat(feats)                                                             # (N, D)
     os.makedirs(cache_dir, exist_ok=True)
     atomic_save(feats, path)
     return feats
 
 
+def image_features_of(model, x):
+    """(n, 1, 3, H, W) images -> (n, D): the encoder's tokens averaged over the grid, L2-normalised."""
+    return torch.nn.functional.normalize(model.vision(x[:, 0]).float().mean(1), dim=-1).cpu()
+
+
 def rices_demos(train_feats, query_feat, k):
-    """Indices of the k training examples most similar to the query, the most similar last."""
-    return (train_feats @ query_feat).topk(k).indices.flip(0).tolist()
+    """Indices of the k training examples most similar to the query, the most similar last. Rows of zeros
+    (unreadable images) are never chosen."""
+    sims = (train_feats @ query_feat).masked_fill(train_feats.norm(dim=-1) == 0, -float("inf"))
+    return sims.topk(k).indices.flip(0).tolist()
 
 
 def postprocess(text):

@@ -285,3 +285,24 @@ def test_shapes_folder_reads_back(tmp_path):
     assert len(test) == 3 and all(os.path.isfile(e["image"]) and e["question"] and e["answers"] for e in test)
     root = data.write_shapes_folder(str(tmp_path / "c"), "captions", n_train=4, n_test=2, task_kind="shape")
     assert all(e["captions"][0] in data.SHAPES for e in data.read_folder(root, "train", "captions", log=lambda m: None))
+
+
+def test_rices_skips_unreadable_images(ckpt, tmp_path):
+    from model import Flamingo
+    model, _ = Flamingo.from_checkpoint(ckpt, verbose=False)
+    model.eval()
+    examples = []
+    for i in range(3):
+        png(str(tmp_path / f"{i}.png"), seed=i)
+        examples.append({"image": str(tmp_path / f"{i}.png")})
+    (tmp_path / "1.png").write_bytes(b"not a png at all")  # the second one is corrupt
+    feats = ev.image_features(model, examples, str(tmp_path / "cache"), "t")
+    assert feats.shape[0] == 3 and feats[1].abs().sum() == 0 and feats[0].norm() > 0.99
+    assert 1 not in ev.rices_demos(feats, feats[0], 2)  # the zero row is never a demonstration
+
+
+def test_hateful_memes_bad_line_is_skipped(tmp_path, capsys):
+    (tmp_path / "train.jsonl").write_text('{"id": 1, "img": "img/1.png", "label": 1, "text": "a"}\nnot json\n')
+    (tmp_path / "dev_seen.jsonl").write_text('{"id": 2, "img": "img/2.png", "label": 0, "text": "b"}\n')
+    train, test, _ = ev.read_task("hateful_memes", str(tmp_path))
+    assert len(train) == 1 and len(test) == 1 and "train.jsonl:2: skipped" in capsys.readouterr().out
