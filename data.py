@@ -23,7 +23,9 @@ import functools
 import io
 import json
 import os
+import re
 import tarfile
+import unicodedata
 from collections import Counter
 
 import numpy as np
@@ -48,14 +50,18 @@ class Tokenizer:
     characters "<image>" stays text. encode_markup() is the one explicit way to get them.
     """
 
-    def __init__(self, name, base, lm_vocab_size=None):
+    def __init__(self, name, base, lm_vocab_size=None, new_tokens=(IMAGE, EOC), hf=None):
         lm_vocab_size = base.n_vocab if lm_vocab_size is None else lm_vocab_size
         assert lm_vocab_size >= base.n_vocab, f"lm_vocab_size {lm_vocab_size} < tokenizer's {base.n_vocab}"
         self.name = name
         self.eot_id = base.eot_token
-        self.image_id = lm_vocab_size
-        self.eoc_id = lm_vocab_size + 1
-        self.n_vocab = lm_vocab_size + 2
+        # the new tokens follow the LM's vocabulary in the order given: ours (<image>, <|endofchunk|>), or
+        # OpenFlamingo's (<|endofchunk|>, <image>, <PAD>) = 50277, 50278, 50279 after GPT-NeoX's 50277
+        self.new_tokens = tuple(new_tokens)
+        self.image_id = lm_vocab_size + self.new_tokens.index(IMAGE)
+        self.eoc_id = lm_vocab_size + self.new_tokens.index(EOC)
+        self.n_vocab = lm_vocab_size + len(self.new_tokens)
+        self.hf = hf  # a converted Hugging Face tokenizer's extras (HFExtras), or None
         # ids in [base.n_vocab, lm_vocab_size) are embedding rows with no token (padded LMs)
         self.base_n_vocab = base.n_vocab
         # the tiktoken README's way to extend an encoding with new special tokens
@@ -63,21 +69,30 @@ class Tokenizer:
             name=f"{base.name}_flamingo",
             pat_str=base._pat_str,
             mergeable_ranks=base._mergeable_ranks,
-            special_tokens={**base._special_tokens, IMAGE: self.image_id, EOC: self.eoc_id},
+            special_tokens={**base._special_tokens, **{t: lm_vocab_size + i for i, t in enumerate(self.new_tokens)}},
         )
 
     def encode(self, text):
         """Plain text -> ids. Special-token strings in `text` are encoded as ordinary text."""
-        return self.enc.encode_ordinary(text)
+        if self.hf is None:
+            return self.enc.encode_ordinary(text)
+        return self.hf.encode(text, self.enc.encode_ordinary)
 
     def encode_markup(self, text):
         """Markup -> ids: "<image>", "<|endofchunk|>" and "<|endoftext|>" become their special ids."""
-        return self.enc.encode(text, allowed_special={IMAGE, EOC, EOT}, disallowed_special=())
+        if self.hf is None:
+            return self.enc.encode(text, allowed_special={IMAGE, EOC, EOT}, disallowed_special=())
+        ids, specials = [], {IMAGE: self.image_id, EOC: self.eoc_id, EOT: self.eot_id}
+        for i, piece in enumerate(re.split(f"({re.escape(IMAGE)}|{re.escape(EOC)}|{re.escape(EOT)})", text)):
+            ids += [specials[piece]] if i % 2 else self.encode(piece)
+        return ids
 
     def decode(self, ids):
         """ids -> str; special ids render as their markup. Ids with no token (padding rows) are dropped."""
         ids = [int(i) for i in ids]
-        ids = [i for i in ids if i < self.base_n_vocab or i in (self.image_id, self.eoc_id)]
+        ids = [i for i in ids if i < self.base_n_vocab or i >= self.n_vocab - len(self.new_tokens)]
+        if self.hf is not None:
+            return self.hf.decode(ids, self.enc.decode_bytes)
         return self.enc.decode(ids, errors="replace")
 
 
@@ -151,20 +166,129 @@ def shapes_encoding():
     return tiktoken.Encoding(name="shapes", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
 
 
+class HFExtras:
+    """What a Hugging Face tokenizer.json does beyond its BPE, done around the tiktoken Encoding:
+    - its normalizer (NFC for GPT-NeoX), applied first;
+    - its added tokens, found in the text before anything else, longest first (GPT-NeoX adds runs of 2 to 24
+      spaces as tokens 50254-50276: "a" + 5 spaces + "b" is "a", a 4-space token, " b" there, not BPE's
+      split); special ones (<|endoftext|>) stay text in encode(), as for every tokenizer here;
+    - ids: tiktoken merges the pair whose joined bytes has the lowest rank, so its ranks must follow the
+      merge order; where the file's ids do not, ranks are the merge order and `to_id` maps them back."""
+
+    def __init__(self, nfc, added, special, to_id):
+        self.nfc, self.added, self.to_id = nfc, added, to_id
+        self.names = {i: t for t, i in {**added, **special}.items()}  # ids decode() writes out whole
+        self.from_id = None if to_id is None else {i: r for r, i in enumerate(to_id)}
+        self.split = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")") \
+            if added else None
+
+    def encode(self, text, encode_ordinary):
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
+        pieces = self.split.split(text) if self.split else [text]
+        ids = []
+        for i, piece in enumerate(pieces):  # odd pieces are added tokens
+            if i % 2:
+                ids.append(self.added[piece])
+            elif piece:
+                ranks = encode_ordinary(piece)
+                ids += ranks if self.to_id is None else [self.to_id[r] if r < len(self.to_id) else r for r in ranks]
+        return ids
+
+    def decode(self, ids, decode_bytes):
+        out, run = [], []
+        for i in ids + [None]:
+            if i is None or i in self.names:  # an added, special or new token ends a run of BPE ids
+                out.append(decode_bytes([self.from_id.get(j, j) if self.from_id else j for j in run])
+                           .decode("utf-8", errors="replace"))
+                run = []
+                if i is not None:
+                    out.append(self.names[i])
+            else:
+                run.append(i)
+        return "".join(out)
+
+
+def byte_level_alphabet():
+    """GPT-2's map from bytes to the printable characters byte-level BPE files store tokens in
+    (printable Latin-1 bytes stand for themselves; the rest are shifted to 256 + n)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b], n = chr(256 + n), n + 1
+    return {c: b for b, c in chars.items()}
+
+
+def hf_bpe_tokenizer(path, lm_vocab_size=None, new_tokens=(IMAGE, EOC)):
+    """A Hugging Face byte-level BPE tokenizer.json (GPT-NeoX, GPT-2, Llama-3, Qwen2, SmolLM2) -> Tokenizer
+    on a tiktoken Encoding, giving the ids the `tokenizers` library gives (tests/test_tokenizer.py)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    model, pre, norm = spec["model"], spec.get("pre_tokenizer") or {}, spec.get("normalizer")
+    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
+        raise NotImplementedError(f"{path}: only byte-level BPE tokenizers are supported")
+    if norm is not None and norm.get("type") != "NFC":
+        raise NotImplementedError(f"{path}: normalizer {norm.get('type')!r} (only NFC or none)")
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in steps]
+    if kinds == ["ByteLevel"] and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        pattern = GPT2_SPLIT
+    elif kinds == ["Split", "ByteLevel"] and "Regex" in steps[0]["pattern"] and not steps[1].get("use_regex") \
+            and steps[0].get("behavior") == "Isolated" and not steps[1].get("add_prefix_space"):
+        pattern = steps[0]["pattern"]["Regex"]  # Llama-3, Qwen2: their own split, then bytes
+    else:
+        raise NotImplementedError(f"{path}: pre-tokenizer {kinds} (ByteLevel, or Split + ByteLevel)")
+    to_byte = byte_level_alphabet()
+    as_bytes = lambda tok: bytes(to_byte[c] for c in tok)
+    vocab = {as_bytes(t): i for t, i in model["vocab"].items()}
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
+    merged = [as_bytes(a) + as_bytes(b) for a, b in merges]
+    # every token BPE can produce: the 256 bytes, then each merge's result, in merge order (first time made)
+    order = [bytes([b]) for b in range(256)]
+    order += list(dict.fromkeys(t for t in merged if len(t) > 1))
+    ids = [vocab[t] for t in order]
+    if all(a < b for a, b in zip(ids[256:], ids[257:])) and max(ids[:256]) < min(ids[256:], default=1 << 30):
+        ranks, to_id = {t: vocab[t] for t in order}, None  # the file's ids already follow the merges
+    else:
+        ranks, to_id = {t: r for r, t in enumerate(order)}, ids
+    added, special = {}, {}
+    for a in spec.get("added_tokens", []):
+        if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
+            raise NotImplementedError(f"{path}: added token {a['content']!r} with lstrip/rstrip/single_word")
+        (special if a.get("special") else added)[a["content"]] = a["id"]
+    # the special tokens keep their own ids; <|endoftext|> (or the first special) is the end-of-text token
+    eot = special.get(EOT, next(iter(special.values()), None))
+    n = max([*vocab.values(), *added.values(), *special.values()]) + 1
+    base = tiktoken.Encoding(name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "hf", pat_str=pattern,
+                             mergeable_ranks=ranks, special_tokens={EOT: eot if to_id is None else len(order)})
+    hf = HFExtras(norm is not None, added, special, to_id)
+    tok = Tokenizer(path, base, n if lm_vocab_size is None else lm_vocab_size, new_tokens, hf)
+    tok.eot_id, tok.base_n_vocab = eot, n
+    hf.names.update({tok.n_vocab - len(new_tokens) + i: t for i, t in enumerate(new_tokens)})
+    return tok
+
+
 @functools.lru_cache(maxsize=None)
-def get_tokenizer(name="bytes", lm_vocab_size=None):
-    """The tokenizer called `name` ("bytes", "shapes" or "gpt2"), with <image> and <|endofchunk|> appended
-    after `lm_vocab_size` (default: the base vocabulary size; larger for LMs with padded embeddings)."""
+def get_tokenizer(name="bytes", lm_vocab_size=None, new_tokens=(IMAGE, EOC)):
+    """The tokenizer called `name` ("bytes", "shapes", "gpt2", or a Hugging Face tokenizer.json or a directory
+    holding one), with the new tokens (<image>, <|endofchunk|>) appended after `lm_vocab_size` (default: the
+    base vocabulary size; larger for LMs with padded embeddings)."""
     if name == "bytes":
         base = bytes_encoding()
     elif name == "shapes":
         base = shapes_encoding()
     elif name == "gpt2":
         base = gpt2_encoding()
-    # later: an HF tokenizer.json (GPT-NeoX, Llama-3, Qwen2, SmolLM2) converted to a tiktoken Encoding
+    elif os.path.exists(name):
+        return hf_bpe_tokenizer(name, lm_vocab_size, new_tokens)
     else:
-        raise ValueError(f"unknown tokenizer {name!r}; known: 'bytes', 'shapes', 'gpt2'")
-    return Tokenizer(name, base, lm_vocab_size)
+        raise ValueError(f"unknown tokenizer {name!r}; known: 'bytes', 'shapes', 'gpt2', or a tokenizer.json path")
+    return Tokenizer(name, base, lm_vocab_size, new_tokens)
 
 
 # -----------------------------------------------------------------------------

@@ -38,7 +38,11 @@ import torch
 import data
 
 # -----------------------------------------------------------------------------
-init_from = "out-shapes"      # an out_dir of train.py (or its ckpt.pt)
+init_from = "out-shapes"      # an out_dir of train.py (or its ckpt.pt), or openflamingo/<name> (README)
+lm = ""                       # the LM of a local OpenFlamingo checkpoint.pt (a directory); hub models know theirs
+dtype = "float32"             # of the LM, for OpenFlamingo models
+clip = "ViT-L-14"              # and their CLIP: open_clip name, and tag or local weights file
+clip_pretrained = "openai"
 task = "shapes"               # shapes | coco | flickr30k | vqav2 | okvqa | textvqa | vizwiz | hateful_memes | captions | vqa
 data_dir = ""                 # the task's files: a benchmark's published files, or a folder (captions, vqa)
 shots = ""                    # "": 0,1,2,4,8 for shapes, 0,4,8,16,32 for the others
@@ -648,16 +652,20 @@ def main():
             raise SystemExit("give --data_dir, where the files should go")
         fetch(download, data_dir, download_images)
         return
-    from model import Flamingo
+    from model import load_model
+    openflamingo = init_from.startswith("openflamingo/") or bool(lm)
     ckpt_path = init_from if init_from.endswith(".pt") else os.path.join(init_from, "ckpt.pt")
-    if not os.path.exists(ckpt_path):
+    if not openflamingo and not os.path.exists(ckpt_path):
         raise SystemExit(f"error: no checkpoint at {ckpt_path}. Train one first:  python train.py config/train_shapes.py")
-    model, ckpt = Flamingo.from_checkpoint(init_from, verbose=False)
+    try:
+        model, tokenizer = load_model(init_from, lm, clip, clip_pretrained, dtype)
+    except (RuntimeError, FileNotFoundError, ValueError) as e:  # offline, missing files: say what to do
+        raise SystemExit(f"error: {e}") from None
     model.eval().to(device)
-    tok = data.get_tokenizer(ckpt.get("config", {}).get("tokenizer", "bytes"), lm_vocab_size=model.lm.config.vocab_size)
+    tok = data.get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
     shot_list = [int(s) for s in str(shots or ("0,1,2,4,8" if task == "shapes" else "0,4,8,16,32")).strip("()[]").split(",")
                  if s.strip()]  # "0,4" on the command line arrives as a tuple
-    base = {"task": task, "checkpoint": os.path.abspath(init_from), "demos": "rices" if rices else "random"}
+    base = {"task": task, "checkpoint": init_from if openflamingo else os.path.abspath(init_from), "demos": "rices" if rices else "random"}
     records = []
     if task == "shapes":
         for t in range(num_trials):

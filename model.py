@@ -17,6 +17,7 @@ M the most media items any one row holds.
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, asdict, fields
 
 import torch
@@ -33,7 +34,8 @@ from xattn import GatedCrossAttentionBlock
 
 @dataclass
 class LMConfig:
-    arch: str = "gpt2"            # "gpt2" (learned positions, LayerNorm, GELU) or "llama" (RoPE, RMSNorm, SwiGLU)
+    arch: str = "gpt2"            # "gpt2" (learned positions, LayerNorm, GELU), "llama" (RoPE, RMSNorm, SwiGLU)
+                                  # or "mpt" (ALiBi, LayerNorm, exact GELU; OpenFlamingo's LMs)
     vocab_size: int = 50257
     n_layer: int = 12
     n_head: int = 12
@@ -48,9 +50,11 @@ class LMConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # Llama-3.1 style {"rope_type": "llama3", ...}
     tie_word_embeddings: bool = True
+    alibi_bias_max: float = 8.0   # mpt: head h's ALiBi slope is 2^(-alibi_bias_max * h / n_head)
+    qk_ln: bool = False           # mpt: a LayerNorm on q and on k (the older MosaicGPT layout of mpt-1b)
 
     def __post_init__(self):
-        assert self.arch in ("gpt2", "llama"), f"unknown arch {self.arch!r}"
+        assert self.arch in ("gpt2", "llama", "mpt"), f"unknown arch {self.arch!r}"
         # derived values are properties (below), never stored, so an override can't leave them stale
 
     @property
@@ -80,7 +84,7 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg, dim):
-    if cfg.arch == "gpt2":
+    if cfg.arch in ("gpt2", "mpt"):
         return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
     return RMSNorm(dim, cfg.norm_eps)
 
@@ -101,6 +105,27 @@ def rope_frequencies(cfg):
     mid = (wavelen <= old / lo) & (wavelen >= old / hi)          # in between: interpolated
     scaled = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
     return scaled.float()
+
+
+def alibi_slopes(n_head, bias_max=8.0):
+    """ALiBi's per-head slopes (Press et al. 2022, section 3), as MPT computes them: for a power of two n,
+    2^(-bias_max * h / n) for h = 1..n; otherwise those of the next power of two, odd heads first."""
+    n2 = 2 ** math.ceil(math.log2(n_head))
+    slopes = 2.0 ** (-bias_max * torch.arange(1, n2 + 1, dtype=torch.float64) / n2)
+    if n2 != n_head:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:n_head]
+    return slopes.float()
+
+
+def alibi_bias(slopes, pos):
+    """The additive attention bias of ALiBi with the causal mask folded in: (h, T, pos[-1] + 1) for queries at
+    positions pos (T,) and keys at 0..pos[-1] (a KV cache always holds every earlier token).
+    Query i, key j: -slope * (i - j) for j <= i, -inf after. MPT adds slope * (j - last), which differs by a
+    constant per query row: the same softmax."""
+    keys = torch.arange(int(pos[-1]) + 1, device=pos.device)
+    dist = (keys[None, :] - pos[:, None]).float()                        # (T, S), <= 0 where visible
+    bias = slopes.to(pos.device)[:, None, None] * dist                   # (h, T, S)
+    return bias.masked_fill(dist > 0, float("-inf"))
 
 
 def apply_rope(x, cos, sin):
@@ -134,21 +159,30 @@ class CausalSelfAttention(nn.Module):
         # q, k and v in one Linear: (n_head + 2 * kv_heads) * hd outputs
         self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.hd, bias=qkv_bias)
         self.c_proj = nn.Linear(cfg.n_head * cfg.hd, cfg.n_embd, bias=cfg.bias)
+        if cfg.qk_ln:  # over all heads at once, before the split into heads (MosaicGPT's attn_qk_ln)
+            self.q_ln = nn.LayerNorm(cfg.n_head * cfg.hd, eps=cfg.norm_eps, bias=cfg.bias)
+            self.k_ln = nn.LayerNorm(cfg.kv_heads * cfg.hd, eps=cfg.norm_eps, bias=cfg.bias)
 
     def forward(self, x, rope=None, cache=None):
+        """rope: the positions' part of attention, from LM.positions: RoPE's (cos, sin), ALiBi's bias
+        (h, T, past + T) with the causal mask in it, or None (GPT-2's positions are in its embeddings)."""
         B, T, _ = x.shape
         h, kvh, hd = self.cfg.n_head, self.cfg.kv_heads, self.cfg.hd
         q, k, v = self.c_attn(x).split([h * hd, kvh * hd, kvh * hd], dim=-1)
+        if self.cfg.qk_ln:
+            q, k = self.q_ln(q), self.k_ln(k)
         q = q.view(B, T, h, hd).transpose(1, 2)    # (B, h, T, hd)
         k = k.view(B, T, kvh, hd).transpose(1, 2)  # (B, kvh, T, hd)
         v = v.view(B, T, kvh, hd).transpose(1, 2)
-        if rope is not None:
+        if isinstance(rope, tuple):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past = 0
         if cache is not None:
             past = 0 if cache.k is None else cache.k.shape[2]
             k, v = cache.update(k, v)              # (B, kvh, past + T, hd)
-        if past == 0 or T == 1:
+        if torch.is_tensor(rope):  # ALiBi: the bias is the mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=rope.to(q.dtype), enable_gqa=kvh != h)
+        elif past == 0 or T == 1:
             # the whole prefix is visible to a single new token; otherwise plain causal masking
             y = F.scaled_dot_product_attention(q, k, v, is_causal=(past == 0 and T > 1), enable_gqa=kvh != h)
         else:  # several new tokens after a cached prefix: causal mask shifted by `past`
@@ -171,6 +205,8 @@ class MLP(nn.Module):
         if self.arch == "llama":
             gate, up = self.c_fc(x).chunk(2, dim=-1)
             return self.c_proj(F.silu(gate) * up)
+        if self.arch == "mpt":
+            return self.c_proj(F.gelu(self.c_fc(x)))  # MPT's GELU is the exact one
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
 
 
@@ -206,6 +242,8 @@ class LM(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
         if cfg.arch == "llama":
             self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        if cfg.arch == "mpt":
+            self.register_buffer("slopes", alibi_slopes(cfg.n_head, cfg.alibi_bias_max), persistent=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -224,8 +262,11 @@ class LM(nn.Module):
             tok_emb = tok_emb + self.transformer.wpe(pos)
         return tok_emb
 
-    def rope(self, pos):
-        """(cos, sin) of shape (T, hd) for rotary embeddings, or None for GPT-2."""
+    def positions(self, pos):
+        """What attention needs to know of positions pos (T,): RoPE's (cos, sin) of shape (T, hd) (llama),
+        ALiBi's bias (h, T, pos[-1] + 1) (mpt), or None (gpt2, whose positions are in its embeddings)."""
+        if self.config.arch == "mpt":
+            return alibi_bias(self.slopes, pos)
         if self.config.arch != "llama":
             return None
         ang = pos.float()[:, None] * self.inv_freq[None, :]  # (T, hd/2)
@@ -237,7 +278,7 @@ class LM(nn.Module):
         past = 0 if caches is None or caches[0].k is None else caches[0].k.shape[2]
         pos = torch.arange(past, past + idx.shape[1], device=idx.device)
         x = self.embed(self.transformer.wte(idx), pos)      # (B, T, C)
-        rope = self.rope(pos)
+        rope = self.positions(pos)
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, None if caches is None else caches[i])
         logits = self.lm_head(self.transformer.ln_f(x))      # (B, T, vocab)
@@ -287,7 +328,27 @@ class LM(nn.Module):
                             qkv_bias=True if mt == "qwen2" else bool(hf.get("attention_bias", False)),
                             norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
                             tie_word_embeddings=hf.get("tie_word_embeddings", False))
-        raise NotImplementedError(f"model_type {mt!r}: supported are gpt2, llama, qwen2, mistral")
+        if mt in ("mpt", "mosaic_gpt"):
+            # two layouts of MosaicML's MPT: "mpt" (transformers' MptConfig, llm-foundry; anas-awadalla/mpt-7b)
+            # keeps attention settings in attn_config; "mosaic_gpt" (the older MosaicGPT of
+            # anas-awadalla/mpt-1b-redpajama-200b) keeps them at the top level with an attn_ prefix.
+            att = hf.get("attn_config") or {}
+            get = (lambda k, d=None: att.get(k, d)) if mt == "mpt" else (lambda k, d=None: hf.get("attn_" + k, d))
+            alibi = get("alibi", False) if mt == "mpt" else hf.get("alibi", False)
+            bias_max = get("alibi_bias_max", 8) if mt == "mpt" else hf.get("alibi_bias_max", 8)
+            if not alibi:
+                raise NotImplementedError("MPT with learned positions instead of ALiBi")
+            if get("clip_qkv") or get("softmax_scale") or hf.get("softmax_scale") or hf.get("logit_scale"):
+                raise NotImplementedError("MPT with clip_qkv, softmax_scale or logit_scale")
+            if get("prefix_lm") or hf.get("prefix_lm"):
+                raise NotImplementedError("MPT as a prefix LM")
+            ratio = hf.get("expansion_ratio", 4) if mt == "mpt" else hf.get("mlp_ratio", 4)
+            return LMConfig(arch="mpt", vocab_size=hf["vocab_size"], n_layer=hf["n_layers"], n_head=hf["n_heads"],
+                            n_embd=hf["d_model"], n_inner=int(ratio * hf["d_model"]), block_size=hf["max_seq_len"],
+                            bias=not hf.get("no_bias", False), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                            alibi_bias_max=float(bias_max), qk_ln=bool(get("qk_ln", False)),
+                            tie_word_embeddings=True)  # MPT always ties its output head to wte
+        raise NotImplementedError(f"model_type {mt!r}: supported are gpt2, llama, qwen2, mistral, mpt, mosaic_gpt")
 
     @staticmethod
     def config_of(path_or_hub_id) -> LMConfig:
@@ -324,16 +385,23 @@ class LM(nn.Module):
         model.load_state_dict(sd, strict=True, assign=True)
         if cfg.tie_word_embeddings:  # assign=True replaced the tensor: tie again
             model.lm_head.weight = model.transformer.wte.weight
-        if cfg.arch == "llama":
+        if cfg.arch == "llama":  # buffers computed, not loaded: built again off the meta device
             model.inv_freq = rope_frequencies(cfg)
+        if cfg.arch == "mpt":
+            model.slopes = alibi_slopes(cfg.n_head, cfg.alibi_bias_max)
         return model.to(device)
 
 
 # The config.json of some public LMs (only the fields config_from_hf reads), so that a dry run can build them
 # on the meta device offline (LM.config_of). Never used to load weights: from_pretrained reads the real file.
-# Not here yet: OpenFlamingo-9B's "anas-awadalla/mpt-7b" (d 4096, 32 layers, vocab 50432): config_from_hf has
-# no MPT, so config/9b.py uses Llama-2-7B, the same width and depth.
 KNOWN_LMS = {
+    # OpenFlamingo's LMs (DESIGN section 9): MPT-7B in transformers' layout, MPT-1B in the older MosaicGPT one
+    "anas-awadalla/mpt-7b": dict(
+        model_type="mpt", vocab_size=50432, n_layers=32, n_heads=32, d_model=4096, expansion_ratio=4,
+        max_seq_len=2048, no_bias=True, attn_config=dict(alibi=True, alibi_bias_max=8)),
+    "anas-awadalla/mpt-1b-redpajama-200b": dict(
+        model_type="mosaic_gpt", vocab_size=50432, n_layers=24, n_heads=16, d_model=2048, mlp_ratio=4,
+        max_seq_len=2048, no_bias=True, alibi=True, alibi_bias_max=8, attn_qk_ln=True),
     "gpt2": dict(model_type="gpt2", vocab_size=50257, n_layer=12, n_head=12, n_embd=768, n_positions=1024,
                  layer_norm_epsilon=1e-5, activation_function="gelu_new", tie_word_embeddings=True),
     "HuggingFaceTB/SmolLM2-135M": dict(
@@ -467,6 +535,19 @@ def hf_to_ours(cfg, hf, ours):
             v = take(k)
             out[k] = v.t().contiguous() if k.endswith(conv1d) else v  # HF's Conv1D stores (in, out)
         hf.pop("lm_head.weight", None)  # a tied copy, if the checkpoint carries one
+    elif cfg.arch == "mpt":
+        # both MPT layouts, renamed to ours: (llm-foundry / transformers' MptForCausalLM, older MosaicGPT) -> ours
+        names = {"norm_1": "ln_1", "ln_1": "ln_1", "norm_2": "ln_2", "ln_2": "ln_2",
+                 "attn.Wqkv": "attn.c_attn", "attn.out_proj": "attn.c_proj", "attn.q_ln": "attn.q_ln",
+                 "attn.k_ln": "attn.k_ln", "ffn.up_proj": "mlp.c_fc", "mlp.mlp_up": "mlp.c_fc",
+                 "ffn.down_proj": "mlp.c_proj", "mlp.mlp_down": "mlp.c_proj"}
+        hf.pop("lm_head.weight", None)  # MPT ties its head: a copy, if the file carries one
+        for k in list(hf):
+            m = re.fullmatch(r"transformer\.blocks\.(\d+)\.(.+)\.(weight|bias)", k)
+            new = f"transformer.h.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}" if m and m.group(2) in names \
+                else k.replace("transformer.norm_f.", "transformer.ln_f.")
+            if new in ours:  # anything else stays in hf and is refused below by its own name
+                out[new] = take(k)
     else:
         out["transformer.wte.weight"] = take("model.embed_tokens.weight")
         out["transformer.ln_f.weight"] = take("model.norm.weight")
@@ -589,6 +670,11 @@ class FlamingoConfig:
     vision_stage: int | None = None       # ResNet towers: the stage whose feature map is the grid (None = last)
     freeze_lm: bool = True
     freeze_vision: bool = True
+    new_tokens: tuple = ("<image>", "<|endofchunk|>")  # rows after the LM's vocabulary, in this order
+    openflamingo: str | None = None       # an OpenFlamingo checkpoint.pt this model was built from (its LM rows)
+
+    def __post_init__(self):
+        self.new_tokens = tuple(self.new_tokens)  # hashable, whatever the saved form
 
 
 class Flamingo(nn.Module):
@@ -607,13 +693,15 @@ class Flamingo(nn.Module):
                                              cfg.only_attend_immediate_media)
             for i in range(lm.config.n_layer) if (i + 1) % n == 0
         })
-        # The two new tokens get their own trained rows, appended after the LM's vocabulary, so that every
-        # original LM weight stays bit-identical. They start at the mean of the existing rows.
-        V = lm.config.vocab_size
-        self.media_token_id, self.eoc_token_id = V, V + 1
+        # The new tokens get their own trained rows, appended after the LM's vocabulary, so that every
+        # original LM weight stays bit-identical. They start at the mean of the existing rows. Ours are
+        # <image>, <|endofchunk|>; OpenFlamingo's <|endofchunk|>, <image>, <PAD> (from_openflamingo).
+        V, n = lm.config.vocab_size, len(cfg.new_tokens)
+        self.media_token_id = V + cfg.new_tokens.index("<image>")
+        self.eoc_token_id = V + cfg.new_tokens.index("<|endofchunk|>")
         wte, head = lm.transformer.wte.weight.detach(), lm.lm_head.weight.detach()
-        self.new_wte = nn.Parameter(wte.float().mean(0).expand(2, -1).clone().to(wte.dtype))    # (2, C)
-        self.new_lm_head = nn.Parameter(head.float().mean(0).expand(2, -1).clone().to(head.dtype))
+        self.new_wte = nn.Parameter(wte.float().mean(0).expand(n, -1).clone().to(wte.dtype))    # (n, C)
+        self.new_lm_head = nn.Parameter(head.float().mean(0).expand(n, -1).clone().to(head.dtype))
         # Freezing is decided once, here: the optimizer only ever sees what requires grad.
         self.lm.requires_grad_(not cfg.freeze_lm)
         self.vision.requires_grad_(not cfg.freeze_vision)
@@ -656,6 +744,69 @@ class Flamingo(nn.Module):
         lm_model = LM.from_pretrained(lm, dtype=dtype)
         vision = VisionEncoder(clip, clip_pretrained, ln_post=cfg.vision_ln_post, stage=cfg.vision_stage)
         return cls(lm_model, vision, cfg, verbose=verbose)
+
+    @classmethod
+    def from_openflamingo(cls, checkpoint, lm, clip="ViT-L-14", clip_pretrained="openai", dtype=None, verbose=True):
+        """A released OpenFlamingo model (DESIGN section 9): its checkpoint.pt (a hub id such as
+        "openflamingo/OpenFlamingo-9B-vitl-mpt7b", a directory or the file), its LM (hub id or directory) and
+        its CLIP. The layout comes from the checkpoint itself: which layers have a gated block, the resampler's
+        depth and latents, the vocabulary (the LM's table resized to 50280 rows: GPT-NeoX's 50277 tokens, then
+        <|endofchunk|>, <image>, <PAD>). Every tensor must find its place and fit it. Vision features are
+        open_clip's patch tokens before ln_post, as OpenFlamingo's models were trained on."""
+        path = openflamingo_file(checkpoint)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = {k.removeprefix("module."): v for k, v in sd.get("model_state_dict", sd).items()}
+        lm_model = LM.from_pretrained(lm, dtype=dtype)
+        n_layer, C = lm_model.config.n_layer, lm_model.config.n_embd
+        blocks = {"mpt": "lang_encoder.transformer.blocks."}.get(lm_model.config.arch)
+        if blocks is None:
+            raise NotImplementedError(f"OpenFlamingo checkpoints with a {lm_model.config.arch} LM (only MPT's)")
+        wte_key = "lang_encoder.transformer.wte.weight"
+        if wte_key not in sd:
+            raise KeyError(f"{path}: no {wte_key}: not an OpenFlamingo checkpoint of an MPT LM")
+        wte = sd.pop(wte_key)  # (V + 3, C): every row trained by OpenFlamingo, the new ones last
+        ours = {}
+        for k in list(sd):
+            m = re.fullmatch(re.escape(blocks) + r"(\d+)\.gated_cross_attn_layer\.(.+)", k)
+            if m:
+                ours[f"xattn.{m.group(1)}.{m.group(2)}"] = sd.pop(k)
+            elif k.startswith("perceiver."):
+                ours[k] = sd.pop(k)
+        if sd:
+            raise KeyError(f"{path}: unexpected tensors {sorted(sd)[:5]}")
+        layers = sorted({int(k.split(".")[1]) for k in ours if k.startswith("xattn.")})
+        every = layers[0] + 1 if layers else 0
+        if not layers or layers != [i for i in range(n_layer) if (i + 1) % every == 0]:
+            raise ValueError(f"{path}: gated blocks before layers {layers} of {n_layer}: not every n-th layer")
+        depth = 1 + max(int(k.split(".")[2]) for k in ours if k.startswith("perceiver.layers."))
+        R, D = ours["perceiver.latents"].shape
+        x0 = f"xattn.{layers[0]}."
+        cfg = FlamingoConfig(  # heads: OpenFlamingo's are always 64 wide, so inner width / 64
+            lm=lm, clip=clip, clip_pretrained=clip_pretrained, cross_attn_every_n_layers=every,
+            resampler_depth=depth, resampler_heads=ours["perceiver.layers.0.0.to_q.weight"].shape[0] // 64,
+            resampler_dim_head=64, num_latents=R, max_num_frames=0,
+            xattn_heads=ours[x0 + "attn.to_q.weight"].shape[0] // 64, xattn_dim_head=64,
+            xattn_ff_mult=ours[x0 + "ff.1.weight"].shape[0] // C, vision_ln_post=False,
+            new_tokens=("<|endofchunk|>", "<image>", "<PAD>"), openflamingo=checkpoint)
+        V = wte.shape[0] - len(cfg.new_tokens)
+        if wte.shape[1] != C or V > lm_model.config.vocab_size:
+            raise ValueError(f"{path}: {wte_key} has shape {tuple(wte.shape)}; the LM {lm} has "
+                             f"{lm_model.config.vocab_size} rows of width {C}")
+        # OpenFlamingo resized the LM's table (MPT-7B: 50432 padded rows) to its tokenizer's and trained it all:
+        # the LM gets the first V rows, the new-token rows get the rest. MPT ties its head, so both tie here too.
+        dt = lm_model.transformer.wte.weight.dtype
+        lm_model.transformer.wte = nn.Embedding(V, C, _weight=wte[:V].to(dt).clone(), _freeze=True)
+        lm_model.lm_head = nn.Linear(C, V, bias=False)
+        lm_model.lm_head.weight = lm_model.transformer.wte.weight
+        lm_model.config.vocab_size = V
+        vision = VisionEncoder(clip, clip_pretrained, ln_post=False)
+        model = cls(lm_model, vision, cfg, verbose=verbose)
+        with torch.no_grad():
+            model.new_wte.copy_(wte[V:])
+        model.new_lm_head = model.new_wte
+        ours.update(new_wte=wte[V:])
+        model.load_trained(ours)
+        return model
 
     @classmethod
     def from_config(cls, cfg: FlamingoConfig, lm_config: LMConfig, verbose=False):
@@ -703,12 +854,12 @@ class Flamingo(nn.Module):
 
     def embed_tokens(self, idx):
         """Token embeddings (B, T, C): the frozen LM table, and the new trained rows for ids >= V."""
-        V = self.lm.config.vocab_size
-        if idx.numel() and (idx.max() >= V + 2 or idx.min() < 0):
-            raise ValueError(f"token ids must be in [0, {V + 2}): the LM's {V} and <image>, <|endofchunk|>")
+        V, n = self.lm.config.vocab_size, len(self.new_wte)
+        if idx.numel() and (idx.max() >= V + n or idx.min() < 0):
+            raise ValueError(f"token ids must be in [0, {V + n}): the LM's {V} and {', '.join(self.config.new_tokens)}")
         x = self.lm.transformer.wte(idx.clamp(max=V - 1))
         new = (idx >= V)[..., None]
-        return torch.where(new, self.new_wte[(idx - V).clamp(min=0, max=1)].to(x.dtype), x)
+        return torch.where(new, self.new_wte[(idx - V).clamp(min=0, max=n - 1)].to(x.dtype), x)
 
     def decode(self, idx, text_time, kvs, caches=None):
         """The LM's layers with a gated block before every n-th one (Flamingo Figure 3). -> logits (B, T, V+2).
@@ -720,7 +871,7 @@ class Flamingo(nn.Module):
         past = 0 if caches is None or caches[0].k is None else caches[0].k.shape[2]
         pos = torch.arange(past, past + idx.shape[1], device=idx.device)
         x = lm.embed(self.embed_tokens(idx), pos)            # (B, T, C)
-        rope = lm.rope(pos)
+        rope = lm.positions(pos)
 
         def layer(x, i):  # the gated block before LM layer i, if there is one, then the layer
             if str(i) in self.xattn:
@@ -900,12 +1051,19 @@ class Flamingo(nn.Module):
         if os.path.isdir(path):
             path = os.path.join(path, "ckpt.pt")
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        if "flamingo_config" not in ckpt:
+            raise ValueError(f"{path} is not a checkpoint of this project (no flamingo_config); an OpenFlamingo "
+                             "checkpoint.pt loads with Flamingo.from_openflamingo")
         cfg = dict(ckpt["flamingo_config"])
         base = os.path.dirname(os.path.abspath(path))
-        for key in ("lm", "clip_pretrained"):  # paths saved relative to the checkpoint travel with it
+        for key in ("lm", "clip_pretrained", "openflamingo"):  # paths saved relative to the checkpoint travel with it
             if cfg.get(key) and not os.path.isabs(cfg[key]) and os.path.exists(os.path.join(base, cfg[key])):
                 cfg[key] = os.path.join(base, cfg[key])
-        model = cls.from_pretrained(verbose=verbose, **cfg)
+        if cfg.get("openflamingo"):  # built on an OpenFlamingo model: its LM rows come from its checkpoint
+            model = cls.from_openflamingo(cfg["openflamingo"], cfg["lm"], cfg["clip"], cfg["clip_pretrained"],
+                                          verbose=verbose)
+        else:
+            model = cls.from_pretrained(verbose=verbose, **cfg)
         model.load_trained(ckpt["model"])
         if "vision" in ckpt:
             model.vision.load_state_dict(ckpt["vision"], strict=True)
@@ -925,6 +1083,50 @@ class Flamingo(nn.Module):
         with torch.no_grad():
             for k, v in sd.items():
                 params[k].copy_(v)
+
+
+# The released OpenFlamingo models whose LM this file implements, with that LM (DESIGN section 9). All use
+# CLIP ViT-L-14 "openai". The 4B models' RedPajama-INCITE LMs are GPT-NeoX, not implemented here.
+OPENFLAMINGO = {
+    "openflamingo/OpenFlamingo-3B-vitl-mpt1b": "anas-awadalla/mpt-1b-redpajama-200b",
+    "openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct": "anas-awadalla/mpt-1b-redpajama-200b-dolly",
+    "openflamingo/OpenFlamingo-9B-vitl-mpt7b": "anas-awadalla/mpt-7b",
+}
+
+
+def load_model(init_from, lm="", clip="ViT-L-14", clip_pretrained="openai", dtype=None, verbose=False):
+    """What sample.py and eval.py load: (model, the name get_tokenizer takes). init_from is an out_dir of train.py
+    (or its ckpt.pt), or an OpenFlamingo checkpoint: a hub id "openflamingo/<name>" (its LM known from
+    OPENFLAMINGO) or a local checkpoint.pt with its LM's directory as `lm`; the tokenizer is that LM's
+    tokenizer.json (GPT-NeoX's, for the MPT models)."""
+    if init_from.startswith("openflamingo/") or lm:
+        lm = lm or OPENFLAMINGO.get(init_from)
+        if not lm:
+            raise ValueError(f"which LM does {init_from} extend? Pass it as --lm (known: {', '.join(OPENFLAMINGO)})")
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        model = Flamingo.from_openflamingo(init_from, lm, clip, clip_pretrained, dtype=dtype, verbose=verbose)
+        return model, resolve_checkpoint_dir(lm)
+    model, ckpt = Flamingo.from_checkpoint(init_from, verbose=verbose)
+    return model, ckpt.get("config", {}).get("tokenizer", "bytes")
+
+
+def openflamingo_file(checkpoint):
+    """An OpenFlamingo checkpoint.pt: the file, a directory holding it, or a hub id downloaded once."""
+    if os.path.isdir(checkpoint):
+        checkpoint = os.path.join(checkpoint, "checkpoint.pt")
+    if os.path.isfile(checkpoint):
+        return checkpoint
+    if checkpoint.startswith((".", "/")) or checkpoint.count("/") != 1:
+        raise FileNotFoundError(f"no OpenFlamingo checkpoint at {checkpoint!r}")
+    try:
+        from huggingface_hub import hf_hub_download
+        return hf_hub_download(checkpoint, "checkpoint.pt")
+    except Exception as e:
+        raise RuntimeError(
+            f"could not download {checkpoint}/checkpoint.pt from the Hugging Face hub ({type(e).__name__}: "
+            f"{str(e)[:200]}). Offline? On a machine with network run `huggingface-cli download {checkpoint} "
+            f"checkpoint.pt` and `huggingface-cli download {OPENFLAMINGO.get(checkpoint, '<its LM>')}`, copy both "
+            f"here, and pass the checkpoint's path as --init_from and the LM's directory as --lm.") from None
 
 
 def atomic_save(obj, path):

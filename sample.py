@@ -16,7 +16,11 @@ import os
 import sys
 
 # -----------------------------------------------------------------------------
-init_from = "out-shapes"      # an out_dir of train.py (or its ckpt.pt)
+init_from = "out-shapes"      # an out_dir of train.py (or its ckpt.pt), or openflamingo/<name> (README)
+lm = ""                       # the LM of a local OpenFlamingo checkpoint.pt (a directory); hub models know theirs
+dtype = "float32"             # of the LM, for OpenFlamingo models ("bfloat16" halves MPT-7B's 27 GB)
+clip = "ViT-L-14"              # and their CLIP: open_clip name, and tag or local weights file
+clip_pretrained = "openai"
 prompt = ""                   # "": the captioning prompt "<image>Output:" (one image only)
 max_new_tokens = 40
 temperature = 0.0             # 0 = greedy
@@ -49,8 +53,9 @@ def fail(message):
     sys.exit(1)
 
 
+openflamingo = init_from.startswith("openflamingo/") or bool(lm)
 ckpt = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) or not init_from.endswith(".pt") else init_from
-if not os.path.exists(ckpt):
+if not openflamingo and not os.path.exists(ckpt):
     fail(f"no checkpoint at {ckpt}. Train one first:  python train.py config/train_shapes.py"
          + ("" if init_from == "out-shapes" else f" --out_dir={os.path.dirname(ckpt) or '.'}"))
 if not image:
@@ -77,13 +82,15 @@ for path in image:
 
 import torch  # noqa: E402
 import data  # noqa: E402
-from model import Flamingo  # noqa: E402
+from model import load_model  # noqa: E402
 
 torch.manual_seed(seed)
-model, _ = Flamingo.from_checkpoint(ckpt, verbose=False)
+try:
+    model, tokenizer = load_model(init_from if openflamingo else ckpt, lm, clip, clip_pretrained, dtype)
+except (RuntimeError, FileNotFoundError, ValueError) as e:  # offline, missing files: say what to do
+    fail(str(e))
 model.eval().to(device)
-tok = data.get_tokenizer(_["config"].get("tokenizer", "bytes") if "config" in _ else "bytes",
-                         lm_vocab_size=model.lm.config.vocab_size)
+tok = data.get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
 
 # images: CLIP's evaluation preprocessing (resize the short side, centre crop, normalise)
 import open_clip  # noqa: E402

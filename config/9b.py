@@ -7,18 +7,17 @@
 #
 #   torchrun --standalone --nproc_per_node=8 train.py config/9b.py
 #
-# Candid: train.py cannot run this yet. It reads only the shapes world (no LAION / MMC4 mix) and has no tokenizer
-# for Llama-2 (SentencePiece); the dry run needs neither.
+# Candid: train.py cannot run this yet. It reads only the shapes world (no LAION / MMC4 mix); the dry run needs none.
 out_dir = "out-9b"
 eval_interval = 1000
 eval_iters = 20
 log_interval = 10
 
-# The frozen LM. OpenFlamingo-9B's is MPT-7B ("anas-awadalla/mpt-7b": d 4096, 32 layers), which model.py cannot
-# load yet (no MPT family); until then a Llama-family 7B of the same width and depth. Its architecture is in
+# The frozen LM: OpenFlamingo-9B's MPT-7B ("anas-awadalla/mpt-7b": d 4096, 32 layers, ALiBi, vocabulary padded to
+# 50432 rows) with GPT-NeoX's tokenizer (its tokenizer.json, converted to tiktoken). Its architecture is in
 # model.KNOWN_LMS, so the dry run builds it without the hub; training downloads it (or takes a local directory).
-lm = "meta-llama/Llama-2-7b-hf"
-tokenizer = "meta-llama/Llama-2-7b-hf"  # not in data.get_tokenizer yet (SentencePiece, not byte-level BPE)
+lm = "anas-awadalla/mpt-7b"
+tokenizer = "anas-awadalla/mpt-7b"  # a local directory holding tokenizer.json once downloaded
 
 # The frozen vision encoder: CLIP ViT-L/14 with OpenAI's weights (width 1024, 16 x 16 = 256 patch tokens at 224 px),
 # its patch tokens taken before the final LayerNorm as OpenFlamingo's models saw them (DESIGN section 9).

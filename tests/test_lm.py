@@ -128,6 +128,46 @@ def llama3(tmp_path_factory):
     return save(hf, tmp_path_factory.mktemp("llama3")), hf
 
 
+def tiny_mpt_config(**attn):
+    """MPT-7B's layout at toy size: ALiBi, no biases, tied embeddings. 6 heads: not a power of two, so the
+    slopes take the interleaved branch (MPT-7B's 32 and mpt-1b's 16 heads take the plain one)."""
+    return transformers.MptConfig(d_model=48, n_heads=6, n_layers=2, expansion_ratio=4, max_seq_len=64,
+                                  vocab_size=V, no_bias=True, attn_config=dict(alibi=True, alibi_bias_max=8, **attn))
+
+
+@pytest.fixture(scope="module")
+def mpt(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = randomize(transformers.MptForCausalLM(tiny_mpt_config()), seed=5)
+    return save(hf, tmp_path_factory.mktemp("mpt")), hf
+
+
+MOSAIC_NAMES = {"norm_1": "ln_1", "norm_2": "ln_2", "ffn.up_proj": "mlp.mlp_up", "ffn.down_proj": "mlp.mlp_down",
+                "norm_f": "ln_f"}
+
+
+def to_mosaic_gpt(src, dst, qk_ln=None):
+    """The same weights in the older MosaicGPT layout of anas-awadalla/mpt-1b-redpajama-200b (model_type
+    "mosaic_gpt", attention settings at the top level with an attn_ prefix, ln_1/mlp.mlp_up names); with
+    qk_ln a dict {layer: (q_ln weight, k_ln weight)} of the attn_qk_ln variant that model uses."""
+    def tensors(sd):
+        for k in list(sd):
+            new = k
+            for a, b in MOSAIC_NAMES.items():
+                new = new.replace(f".{a}.", f".{b}.")
+            sd[new] = sd.pop(k)
+        sd.pop("lm_head.weight", None)
+        for i, (q, k) in (qk_ln or {}).items():
+            sd[f"transformer.blocks.{i}.attn.q_ln.weight"] = q
+            sd[f"transformer.blocks.{i}.attn.k_ln.weight"] = k
+
+    def config(c):
+        att = c.pop("attn_config")
+        c.update(model_type="mosaic_gpt", mlp_ratio=c.pop("expansion_ratio"), alibi=att["alibi"],
+                 alibi_bias_max=att["alibi_bias_max"], attn_qk_ln=qk_ln is not None, attn_clip_qkv=None)
+    return rewrite(src, dst, tensors, config)
+
+
 # -----------------------------------------------------------------------------
 # Logits equal the reference
 
@@ -147,6 +187,54 @@ def test_gpt2_logits_and_loss(gpt2):
         logits, loss = lm(x[:, :-1], targets=targets)
     close(logits, out.logits[:, :-1])
     assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_mpt_logits_and_loss(mpt):
+    """transformers' MptForCausalLM (the layout of anas-awadalla/mpt-7b): ALiBi, exact GELU, no biases."""
+    path, hf = mpt
+    lm = LM.from_pretrained(path)
+    c = lm.config
+    assert (c.arch, c.bias, c.inner, c.tie_word_embeddings, c.qk_ln) == ("mpt", False, 192, True, False)
+    assert lm.transformer.wpe is None and lm.lm_head.weight is lm.transformer.wte.weight
+    x = ids(T=40)
+    with torch.no_grad():
+        close(lm(x)[0], hf(x).logits)
+        out = hf(x, labels=x)
+        assert_close(lm(x[:, :-1], targets=x[:, 1:])[1], out.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_mpt_older_mosaic_gpt_layout(mpt, tmp_path):
+    """The same weights renamed into MosaicGPT's layout load to the same logits. Its attn_qk_ln (mpt-1b has it;
+    transformers' MPT does not) is checked against the reference with a LayerNorm put on q and k by a hook."""
+    path, hf = mpt
+    x = ids(T=40)
+    with torch.no_grad():
+        close(LM.from_pretrained(to_mosaic_gpt(path, tmp_path / "plain"))(x)[0], hf(x).logits)
+        g = torch.Generator().manual_seed(9)
+        gains = {i: (1 + 0.3 * torch.randn(48, generator=g), 1 + 0.3 * torch.randn(48, generator=g)) for i in range(2)}
+        lm = LM.from_pretrained(to_mosaic_gpt(path, tmp_path / "qk", qk_ln=gains))
+        assert lm.config.qk_ln
+
+        def hook(i):  # MosaicGPT: LayerNorm(d_model) on q and on k, before the split into heads
+            def f(module, inputs, out):
+                q, k, v = out.chunk(3, dim=-1)
+                ln = lambda t, w: torch.nn.functional.layer_norm(t, (48,), w, None, 1e-5)
+                return torch.cat([ln(q, gains[i][0]), ln(k, gains[i][1]), v], dim=-1)
+            return f
+        handles = [b.attn.Wqkv.register_forward_hook(hook(i)) for i, b in enumerate(hf.transformer.blocks)]
+        try:
+            close(lm(x)[0], hf(x).logits)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def test_alibi_slopes_match_reference():
+    from model import alibi_slopes
+    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+    for n in (4, 6, 16, 32, 12):
+        ref = build_mpt_alibi_tensor(n, 2)[:, 0, 0]  # the bias of key 0 seen from key 1: -slope
+        assert_close(alibi_slopes(n), -ref)
 
 
 def test_llama_sharded_gqa_untied(llama):
@@ -265,10 +353,17 @@ def test_missing_tensor(which, key, request, tmp_path):
         LM.from_pretrained(bad)
 
 
+def test_mpt_missing_tensor(mpt, tmp_path):
+    bad = rewrite(mpt[0], tmp_path / "bad", edit_tensors=lambda sd: sd.pop("transformer.blocks.1.ffn.up_proj.weight"))
+    with pytest.raises(KeyError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight"):
+        LM.from_pretrained(bad)
+
+
 @pytest.mark.parametrize("which,key", [
     ("gpt2", "transformer.h.0.attn.c_attn.lora_A"),
     ("llama", "model.layers.0.self_attn.o_proj.bias"),
     ("qwen2", "model.layers.0.mlp.up_proj.bias"),
+    ("mpt", "transformer.blocks.0.attn.Wqkv.bias"),
 ])
 def test_unexpected_tensor(which, key, request, tmp_path):
     path, _ = request.getfixturevalue(which)
@@ -322,7 +417,7 @@ def test_unsupported_config_refused(gpt2, llama, qwen2, tmp_path):
              (llama[0], {"mlp_bias": True}), (llama[0], {"attention_bias": True}),  # Llama's: o_proj biased too
              (llama[0], {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}),
              (llama[0], {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}),
-             (qwen2[0], {"use_sliding_window": True, "sliding_window": 8}), (llama[0], {"model_type": "mpt"})]
+             (qwen2[0], {"use_sliding_window": True, "sliding_window": 8}), (llama[0], {"model_type": "falcon"})]
     for i, (path, change) in enumerate(cases):
         bad = rewrite(path, tmp_path / str(i), edit_config=lambda c: c.update(change))
         with pytest.raises(NotImplementedError):
@@ -343,7 +438,7 @@ def test_not_a_checkpoint(tmp_path):
 # KV cache
 
 
-@pytest.mark.parametrize("which", ["gpt2", "llama"])
+@pytest.mark.parametrize("which", ["gpt2", "llama", "mpt"])
 def test_kv_cache_matches_full_pass(which, request):
     path, _ = request.getfixturevalue(which)
     lm = LM.from_pretrained(path)

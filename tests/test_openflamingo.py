@@ -1,0 +1,152 @@
+"""Flamingo.from_openflamingo: an OpenFlamingo checkpoint.pt, written here from the key list of DESIGN section 9
+for a tiny MPT with MPT-7B's vocabulary (50432 padded rows, resized by OpenFlamingo to 50280), loads with every
+tensor in its place; missing, extra or mis-shaped tensors are refused by name. CPU, no network."""
+
+import re
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+from model import Flamingo, OPENFLAMINGO, openflamingo_file  # noqa: E402
+
+C, D, LAYERS, EVERY, DEPTH, R, INNER = 32, 48, 4, 2, 2, 5, 128  # D: flamingo-tiny's ViT width; INNER = 2 heads x 64
+
+
+@pytest.fixture(scope="module")
+def mpt_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.MptConfig(d_model=C, n_heads=4, n_layers=LAYERS, expansion_ratio=4, max_seq_len=128,
+                                 vocab_size=50432, no_bias=True, attn_config=dict(alibi=True, alibi_bias_max=8))
+    hf = transformers.MptForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("mpt")
+    hf.save_pretrained(path)
+    return str(path), hf
+
+
+def openflamingo_state_dict(seed=0, gates=0.5):
+    """The trained parts and the resized input embedding, named as OpenFlamingo's checkpoint.pt names them."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.1
+    sd = {"perceiver.latents": r(R, D), "perceiver.norm.weight": 1 + r(D), "perceiver.norm.bias": r(D)}
+    for i in range(DEPTH):
+        p = f"perceiver.layers.{i}."
+        for n in ("norm_media", "norm_latents"):
+            sd[p + f"0.{n}.weight"], sd[p + f"0.{n}.bias"] = 1 + r(D), r(D)
+        sd[p + "0.to_q.weight"], sd[p + "0.to_kv.weight"], sd[p + "0.to_out.weight"] = r(INNER, D), r(2 * INNER, D), r(D, INNER)
+        sd[p + "1.0.weight"], sd[p + "1.0.bias"] = 1 + r(D), r(D)
+        sd[p + "1.1.weight"], sd[p + "1.3.weight"] = r(4 * D, D), r(D, 4 * D)
+    for i in range(EVERY - 1, LAYERS, EVERY):
+        p = f"lang_encoder.transformer.blocks.{i}.gated_cross_attn_layer."
+        sd[p + "attn_gate"], sd[p + "ff_gate"] = torch.tensor([gates]), torch.tensor([gates])
+        sd[p + "attn.norm.weight"], sd[p + "attn.norm.bias"] = 1 + r(C), r(C)
+        sd[p + "attn.to_q.weight"], sd[p + "attn.to_kv.weight"], sd[p + "attn.to_out.weight"] = r(INNER, C), r(2 * INNER, D), r(C, INNER)
+        sd[p + "ff.0.weight"], sd[p + "ff.0.bias"] = 1 + r(C), r(C)
+        sd[p + "ff.1.weight"], sd[p + "ff.3.weight"] = r(4 * C, C), r(C, 4 * C)
+    sd["lang_encoder.transformer.wte.weight"] = r(50280, C)
+    return sd
+
+
+def load(tmp_path, mpt_dir, sd, name="checkpoint.pt"):
+    torch.save(sd, tmp_path / name)
+    return Flamingo.from_openflamingo(str(tmp_path / name), mpt_dir[0], clip="flamingo-tiny", clip_pretrained=None,
+                                      verbose=False)
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_every_tensor_in_its_place(tmp_path, mpt_dir, prefix):
+    sd = openflamingo_state_dict()
+    model = load(tmp_path, mpt_dir, {prefix + k: v for k, v in sd.items()})
+    c = model.config
+    assert (c.cross_attn_every_n_layers, c.resampler_depth, c.num_latents, c.resampler_heads, c.xattn_heads) == \
+        (EVERY, DEPTH, R, 2, 2)
+    assert sorted(model.xattn) == ["1", "3"] and not c.vision_ln_post and c.max_num_frames == 0
+    # OpenFlamingo's ids: GPT-NeoX's 50277 tokens, then <|endofchunk|>, <image>, <PAD>
+    assert (model.lm.config.vocab_size, model.eoc_token_id, model.media_token_id) == (50277, 50277, 50278)
+    wte = sd["lang_encoder.transformer.wte.weight"]
+    assert torch.equal(model.lm.transformer.wte.weight, wte[:50277])
+    assert torch.equal(model.new_wte, wte[50277:]) and model.new_lm_head is model.new_wte
+    assert model.lm.lm_head.weight is model.lm.transformer.wte.weight  # MPT ties its head
+    assert torch.equal(model.perceiver.layers[1][0].to_kv.weight, sd["perceiver.layers.1.0.to_kv.weight"])
+    assert torch.equal(model.perceiver.layers[0][1][3].weight, sd["perceiver.layers.0.1.3.weight"])
+    p = "lang_encoder.transformer.blocks.3.gated_cross_attn_layer."
+    assert torch.equal(model.xattn["3"].attn.to_q.weight, sd[p + "attn.to_q.weight"])
+    assert torch.equal(model.xattn["3"].ff[0].bias, sd[p + "ff.0.bias"])
+    assert torch.equal(model.xattn["1"].attn_gate, sd[p.replace("3", "1") + "attn_gate"])
+    x = torch.tensor([[50278, 5, 6, 7, 50277, 50278, 8, 9]])
+    logits, _ = model(torch.randn(2, 1, 3, 32, 32), x)
+    assert logits.shape == (1, 8, 50280) and torch.isfinite(logits).all()
+
+
+def test_gates_closed_give_the_resized_mpt(tmp_path, mpt_dir):
+    """With both gates of every block at 0 the model is OpenFlamingo's LM alone: transformers' MPT with its table
+    resized to 50280 rows and set to the checkpoint's (tied head), whatever the images."""
+    sd = openflamingo_state_dict(gates=0.0)
+    model = load(tmp_path, mpt_dir, sd).eval()
+    ref = transformers.MptForCausalLM(mpt_dir[1].config).eval()
+    ref.load_state_dict(mpt_dir[1].state_dict())
+    ref.resize_token_embeddings(50280)
+    with torch.no_grad():
+        ref.transformer.wte.weight.copy_(sd["lang_encoder.transformer.wte.weight"])
+        x = torch.tensor([[50278, 11, 12, 13, 14, 50277, 50278, 15, 16, 17]])
+        ours = model(torch.randn(2, 1, 3, 32, 32), x)[0]
+        want = ref(x).logits
+    assert_close(ours, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_missing_extra_misshaped_refused(tmp_path, mpt_dir):
+    base = openflamingo_state_dict()
+    key = "lang_encoder.transformer.blocks.1.gated_cross_attn_layer.ff.3.weight"
+    cases = [
+        ({k: v for k, v in base.items() if k != key}, KeyError, "xattn.1.ff.3.weight"),
+        ({**base, "perceiver.layers.0.0.extra.weight": torch.zeros(3)}, KeyError, "perceiver.layers.0.0.extra.weight"),
+        ({**base, "lang_encoder.transformer.blocks.0.attn.Wqkv.weight": torch.zeros(3)}, KeyError,
+         "lang_encoder.transformer.blocks.0.attn.Wqkv.weight"),
+        ({**base, "perceiver.latents": torch.zeros(R, D + 1)}, (ValueError, RuntimeError), "perceiver"),
+        ({**base, "lang_encoder.transformer.wte.weight": torch.zeros(50280, C + 1)}, ValueError, "wte"),
+        ({k: v for k, v in base.items() if not k.endswith("wte.weight")}, KeyError, "wte"),
+    ]
+    for i, (sd, err, named) in enumerate(cases):
+        with pytest.raises(err, match=re.escape(named)):
+            load(tmp_path, mpt_dir, sd, name=f"bad{i}.pt")
+
+
+def test_hub_names_and_offline_message(tmp_path, monkeypatch):
+    assert OPENFLAMINGO["openflamingo/OpenFlamingo-9B-vitl-mpt7b"] == "anas-awadalla/mpt-7b"
+    with pytest.raises(FileNotFoundError):
+        openflamingo_file(str(tmp_path / "nothing.pt"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="huggingface-cli download openflamingo/OpenFlamingo-9B-vitl-mpt7b"):
+        openflamingo_file("openflamingo/OpenFlamingo-9B-vitl-mpt7b")
+
+
+def test_sample_py_runs_an_openflamingo_checkpoint(tmp_path, mpt_dir):
+    """sample.py with a local checkpoint.pt, its LM's directory (with a GPT-NeoX-layout tokenizer.json) and a
+    tiny CLIP; and with a hub name while offline, a message saying what to download instead of a traceback."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+    from test_tokenizer import neox_like
+
+    lm = tmp_path / "lm"
+    shutil.copytree(mpt_dir[0], lm)
+    neox_like(lm)  # writes lm/tokenizer.json
+    torch.save(openflamingo_state_dict(), tmp_path / "checkpoint.pt")
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(tmp_path / "cat.png")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(root, "sample.py"), *a], capture_output=True,
+                                    text=True, cwd=tmp_path, env=env, timeout=300)
+    r = run(f"--init_from={tmp_path / 'checkpoint.pt'}", f"--lm={lm}", "--clip=flamingo-tiny", "--clip_pretrained=None",
+            "--image", "cat.png", "--max_new_tokens=5")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()  # five tokens of a random model: something was printed
+    r = run("--init_from=openflamingo/OpenFlamingo-9B-vitl-mpt7b", "--image", "cat.png")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "huggingface-cli download openflamingo/OpenFlamingo-9B-vitl-mpt7b" in r.stderr
