@@ -767,9 +767,13 @@ class Flamingo(nn.Module):
         wte = sd.pop(wte_key)  # (V + 3, C): every row trained by OpenFlamingo, the new ones last
         ours = {}
         for k in list(sd):
-            m = re.fullmatch(re.escape(blocks) + r"(\d+)\.gated_cross_attn_layer\.(.+)", k)
-            if m:
-                ours[f"xattn.{m.group(1)}.{m.group(2)}"] = sd.pop(k)
+            m = re.fullmatch(re.escape(blocks) + r"(\d+)\.gated_cross_attn_layer\.(.+)", k) or \
+                re.fullmatch(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.(.+)", k)  # the same modules, listed
+            if m:                                                                # again by OpenFlamingo's LM
+                name, v = f"xattn.{m.group(1)}.{m.group(2)}", sd.pop(k)
+                if name in ours and not torch.equal(ours[name], v):
+                    raise ValueError(f"{path}: {k} differs from the same block's tensor under {blocks}")
+                ours[name] = v
             elif k.startswith("perceiver."):
                 ours[k] = sd.pop(k)
         if sd:

@@ -55,10 +55,18 @@ def load(tmp_path, mpt_dir, sd, name="checkpoint.pt"):
                                       verbose=False)
 
 
-@pytest.mark.parametrize("prefix", ["", "module."])
-def test_every_tensor_in_its_place(tmp_path, mpt_dir, prefix):
+def with_twins(sd):
+    """OpenFlamingo's LM also lists its gated blocks as lang_encoder.gated_cross_attn_layers.{i}: a checkpoint may
+    carry both names of the same tensors."""
+    twins = {re.sub(r"transformer\.blocks\.(\d+)\.gated_cross_attn_layer", r"gated_cross_attn_layers.\1", k): v
+             for k, v in sd.items() if "gated_cross_attn_layer." in k}
+    return {**sd, **twins}
+
+
+@pytest.mark.parametrize("prefix,twins", [("", False), ("module.", False), ("", True)])
+def test_every_tensor_in_its_place(tmp_path, mpt_dir, prefix, twins):
     sd = openflamingo_state_dict()
-    model = load(tmp_path, mpt_dir, {prefix + k: v for k, v in sd.items()})
+    model = load(tmp_path, mpt_dir, {prefix + k: v for k, v in (with_twins(sd) if twins else sd).items()})
     c = model.config
     assert (c.cross_attn_every_n_layers, c.resampler_depth, c.num_latents, c.resampler_heads, c.xattn_heads) == \
         (EVERY, DEPTH, R, 2, 2)
@@ -107,6 +115,8 @@ def test_missing_extra_misshaped_refused(tmp_path, mpt_dir):
         ({**base, "perceiver.latents": torch.zeros(R, D + 1)}, (ValueError, RuntimeError), "perceiver"),
         ({**base, "lang_encoder.transformer.wte.weight": torch.zeros(50280, C + 1)}, ValueError, "wte"),
         ({k: v for k, v in base.items() if not k.endswith("wte.weight")}, KeyError, "wte"),
+        ({**with_twins(base), "lang_encoder.gated_cross_attn_layers.3.ff_gate": torch.tensor([9.0])}, ValueError,
+         "lang_encoder.gated_cross_attn_layers.3.ff_gate"),
     ]
     for i, (sd, err, named) in enumerate(cases):
         with pytest.raises(err, match=re.escape(named)):
