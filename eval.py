@@ -41,7 +41,7 @@ import data
 init_from = "out-shapes"      # an out_dir of train.py (or its ckpt.pt), or openflamingo/<name> (README)
 lm = ""                       # the LM of a local OpenFlamingo checkpoint.pt (a directory); hub models know theirs
 dtype = "float32"             # of the LM, for OpenFlamingo models
-clip = "ViT-L-14"              # and their CLIP: open_clip name, and tag or local weights file
+clip = "ViT-L-14"             # and their CLIP: open_clip name, and tag or local weights file
 clip_pretrained = "openai"
 task = "shapes"               # shapes | coco | flickr30k | vqav2 | okvqa | textvqa | vizwiz | hateful_memes | captions | vqa
 data_dir = ""                 # the task's files: a benchmark's published files, or a folder (captions, vqa)

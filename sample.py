@@ -19,7 +19,7 @@ import sys
 init_from = "out-shapes"      # an out_dir of train.py (or its ckpt.pt), or openflamingo/<name> (README)
 lm = ""                       # the LM of a local OpenFlamingo checkpoint.pt (a directory); hub models know theirs
 dtype = "float32"             # of the LM, for OpenFlamingo models ("bfloat16" halves MPT-7B's 27 GB)
-clip = "ViT-L-14"              # and their CLIP: open_clip name, and tag or local weights file
+clip = "ViT-L-14"             # and their CLIP: open_clip name, and tag or local weights file
 clip_pretrained = "openai"
 prompt = ""                   # "": the captioning prompt "<image>Output:" (one image only)
 max_new_tokens = 40
