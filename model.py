@@ -809,7 +809,10 @@ class Flamingo(nn.Module):
             model.new_wte.copy_(wte[V:])
         model.new_lm_head = model.new_wte
         ours.update(new_wte=wte[V:])
-        model.load_trained(ours)
+        try:
+            model.load_trained(ours)
+        except KeyError as e:  # name the checkpoint's keys too: xattn.{i}.X is <blocks>{i}.gated_cross_attn_layer.X
+            raise KeyError(f"{path}: {e.args[0]} (xattn.{{i}}.X is {blocks}{{i}}.gated_cross_attn_layer.X)") from None
         return model
 
     @classmethod
