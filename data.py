@@ -502,7 +502,7 @@ def chunk_mask(idx, image_id, eoc_id):
 
 def collate(samples, tokenizer, block_size, image_mean=CLIP_MEAN, image_std=CLIP_STD):
     """
-    samples: list of (text markup, list of uint8 (H, W, 3) images) -> (images, idx, targets):
+    samples: list of (text markup or its ids, list of uint8 (H, W, 3) images) -> (images, idx, targets):
       images  (N, 1, 3, H, W) float32, normalised, the N images of the batch in the order of
               their <image> tokens, row by row (F = 1 frame each); None when N == 0
       idx     (B, T) long, T = the longest row (<= block_size), right-padded with <|endoftext|>
@@ -511,7 +511,7 @@ def collate(samples, tokenizer, block_size, image_mean=CLIP_MEAN, image_std=CLIP
     """
     rows, images = [], []
     for text, imgs in samples:
-        ids = tokenizer.encode_markup(text)
+        ids = tokenizer.encode_markup(text) if isinstance(text, str) else list(text)  # markup, or ids already
         assert ids.count(tokenizer.image_id) == len(imgs), f"{ids.count(tokenizer.image_id)} <image> tokens, {len(imgs)} images"
         ids = ids[:block_size]
         rows.append(ids)
@@ -643,8 +643,27 @@ def download(url, path, size=None, sha256=None, retries=3, timeout=30):
     return path
 
 
-def folder_image(folder, name):
-    """The absolute path of image `name` of a dataset folder; ValueError when it is absolute or leaves the folder."""
+# The prompt strings of DESIGN section 8, one chunk each: eval.py builds its prompts from them, and folder
+# training (FolderData) its sequences, so a model fine-tuned on a folder is evaluated on the format it learned.
+CAPTION = "<image>Output:{caption}<|endofchunk|>"
+VQA = "<image>Question:{question} Short answer:{answer}<|endofchunk|>"
+
+
+def encode_template(tok, template, **fields):
+    """A template's ids: its markup (<image>, <|endofchunk|>) becomes special tokens; the fields (a caption, a
+    question) are plain text, so a literal "<image>" in a caption stays text."""
+    ids = []
+    for piece in re.split(r"(\{\w+\})", template):
+        if piece.startswith("{"):
+            ids += tok.encode(fields[piece[1:-1]])
+        elif piece:
+            ids += tok.encode_markup(piece)
+    return ids
+
+
+def folder_image(folder, name, check=False):
+    """The absolute path of image `name` of a dataset folder; ValueError when it is absolute, leaves the folder,
+    is missing, or (check=True) cannot be decoded."""
     if not isinstance(name, str) or not name:
         raise ValueError("no image path")
     if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
@@ -652,6 +671,13 @@ def folder_image(folder, name):
     path = os.path.join(os.path.abspath(folder), os.path.normpath(name))
     if not os.path.isfile(path):
         raise ValueError(f"image {name!r} not found")
+    if check:
+        from PIL import Image
+        try:
+            with Image.open(path) as im:
+                im.load()  # decodes the whole file: a truncated or broken one fails here, not mid-run
+        except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError, ...
+            raise ValueError(f"image {name!r} cannot be decoded ({type(e).__name__})") from None
     return path
 
 
@@ -666,16 +692,42 @@ def texts(value, field):
     return items
 
 
-def read_folder(folder, split="train", kind=None, log=print):
+def doc_chunks(folder, chunks, check):
+    """A document's "chunks" list -> [("image", path) or ("text", str)], in its order. Empty texts are dropped;
+    a document must have an image with some text after it (else it teaches nothing: labels start at an image)."""
+    if not isinstance(chunks, list) or not chunks:
+        raise ValueError("'chunks' must be a non-empty list")
+    items = []
+    for k, c in enumerate(chunks):
+        if isinstance(c, dict) and "image" in c:
+            items.append(("image", folder_image(folder, c["image"], check)))
+        elif isinstance(c, dict) and isinstance(c.get("text"), str):
+            if c["text"].strip():
+                items.append(("text", c["text"].strip()))
+        else:
+            raise ValueError(f"chunk {k} is not {{\"image\": ...}} or {{\"text\": ...}}")
+    kinds = [k for k, _ in items]
+    if "image" not in kinds or "text" not in kinds[kinds.index("image"):]:
+        raise ValueError("no image followed by text")
+    return items
+
+
+LINE_KINDS = {"question": "vqa", "captions": "captions", "chunks": "docs"}  # the field that tells a line's kind
+
+
+def read_folder(folder, split="train", kind=None, log=print, check_images=False):
     """
     The examples of `folder/{split}.jsonl`, one JSON object per line, image paths relative to the folder:
       captions  {"image": "a.jpg", "captions": ["a red circle", ...]}      (a single string is accepted)
       vqa       {"image": "a.jpg", "question": "what color?", "answers": ["red", ...]}
-    -> a list of dicts: id ("{split}:{line}" unless the line has an "id"), image (absolute path), and
-    captions, or question and answers. With `kind` set, lines of the other kind are skipped. A bad line
-    (not JSON, a missing or empty field, an image path that leaves the folder or a missing image) is
-    skipped and reported with its file and line number; no usable line at all is an error.
+      docs      {"chunks": [{"text": "..."}, {"image": "a.jpg"}, {"text": "..."}, ...]}   (training only)
+    -> a list of dicts: id ("{split}:{line}" unless the line has an "id"), kind, line, and image (absolute path) with
+    captions, or question and answers, or chunks (doc_chunks). `kind` (or a tuple of kinds) keeps those lines
+    and skips the others. A bad line (not JSON, a missing or empty field, an image path that leaves the folder,
+    a missing image, or with check_images an undecodable one) is skipped and reported with its file and line
+    number; no usable line at all is an error.
     """
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind or LINE_KINDS.values())
     path = os.path.join(folder, f"{split}.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: a dataset folder holds train.jsonl and test.jsonl (README)")
@@ -691,14 +743,18 @@ def read_folder(folder, split="train", kind=None, log=print):
                     raise ValueError(f"not JSON ({e.msg})") from None
                 if not isinstance(d, dict):
                     raise ValueError("not a JSON object")
-                line_kind = "vqa" if "question" in d else "captions" if "captions" in d else None
-                if line_kind is None or (kind is not None and line_kind != kind):
-                    raise ValueError(f"not a {kind or 'captions or vqa'} line (fields: {sorted(d)})")
-                ex = {"id": d.get("id", f"{split}:{n}"), "image": folder_image(folder, d.get("image"))}
+                line_kind = next((k for f, k in LINE_KINDS.items() if f in d), None)
+                if line_kind not in kinds:
+                    raise ValueError(f"not a {' or '.join(kinds)} line (fields: {sorted(d)})")
+                ex = {"id": d.get("id", f"{split}:{n}"), "kind": line_kind, "line": n}
+                if line_kind == "docs":
+                    ex["chunks"] = doc_chunks(folder, d["chunks"], check_images)
+                else:
+                    ex["image"] = folder_image(folder, d.get("image"), check_images)
                 if line_kind == "vqa":
                     ex["question"] = texts(d["question"], "question")[0]
                     ex["answers"] = texts(d.get("answers", d.get("answer")), "answers")
-                else:
+                elif line_kind == "captions":
                     ex["captions"] = texts(d["captions"], "captions")
                 examples.append(ex)
             except (ValueError, TypeError) as e:
@@ -707,31 +763,142 @@ def read_folder(folder, split="train", kind=None, log=print):
     if skipped:
         log(f"{path}: {len(examples)} examples, {skipped} lines skipped")
     if not examples:
-        raise ValueError(f"{path}: no usable {kind or 'captions or vqa'} example ({skipped} lines skipped)")
+        raise ValueError(f"{path}: no usable {' or '.join(kinds)} example ({skipped} lines skipped)")
     return examples
 
 
-def write_shapes_folder(root, kind="vqa", n_train=200, n_test=200, task_kind="color", seed=0):
+def write_shapes_folder(root, kind="vqa", n_train=200, n_test=200, task_kind=None, seed=0):
     """A dataset folder (the format read_folder reads) drawn from the shapes world, for trying eval.py's
-    --task=vqa / --task=captions offline. kind "vqa": a question of a random type per image; "captions": the
-    task-by-example answer of `task_kind` (color, shape, size, position) of single-object images. Scenes come
-    from generators seeded apart from the training, validation and test splits."""
+    --task=vqa / --task=captions and folder training offline. kind "vqa": a question per image, of type
+    `task_kind` (one of QUESTION_TYPES; None: a random type each; "size": "what size is the {shape}?" about
+    single-object images, a question the shapes world never asks); "captions": the task-by-example answer of
+    `task_kind` (color, shape, size, position; None: color) of single-object images. Scenes come from
+    generators seeded apart from the training, validation and test splits."""
     from PIL import Image
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     for split, n in (("train", n_train), ("test", n_test)):
         rng = np.random.default_rng([seed, 77, 0 if split == "train" else 1])
         with open(os.path.join(root, f"{split}.jsonl"), "w") as f:
             for i in range(n):
-                scene = random_scene(rng, n_objects=None if kind == "vqa" else 1)
+                scene = random_scene(rng, n_objects=None if kind == "vqa" and task_kind != "size" else 1)
                 name = f"images/{split}{i:05d}.png"
                 Image.fromarray(render(scene, rng)).save(os.path.join(root, name))
+                if kind == "vqa" and task_kind == "size":
+                    q, a = f"what size is the {scene['objects'][0]['shape']}?", scene["objects"][0]["size"]
+                elif kind == "vqa":
+                    q, a = question(scene, task_kind or str(rng.choice(QUESTION_TYPES)), rng)
                 if kind == "vqa":
-                    q, a = question(scene, str(rng.choice(QUESTION_TYPES)), rng)
                     line = {"image": name, "question": q, "answers": [a]}
                 else:
-                    line = {"image": name, "captions": [task_answer(scene, task_kind)]}
+                    line = {"image": name, "captions": [task_answer(scene, task_kind or "color")]}
                 f.write(json.dumps(line) + "\n")
     return root
+
+
+class FolderData:
+    """
+    Training rows from dataset folders (read_folder), in the prompt format eval.py uses. Each example becomes a
+    unit of ids and image paths: a caption line one CAPTION chunk (one of its captions), a question line one
+    VQA chunk (one of its answers), a document its chunks as OpenFlamingo joins MMC4's (each <image> opens a
+    chunk, <|endofchunk|> closes it, texts that follow each other joined by a space, <|endoftext|> last).
+    A row packs units of one folder while they fit in block_size tokens, then <|endoftext|>: consecutive
+    caption or question chunks make a few-shot sequence, as eval's prompts are (demonstrations, then query).
+
+    The rows are a pure function of (seed, row index): epoch e shuffles the examples (and draws each one's
+    caption or answer) with seed (seed, e) and packs them greedily, so each example is used once per epoch and
+    a resumed or re-sharded run sees the same rows (batch_indices gives rows to ranks, as for the shapes world).
+    Over-long units are cut (documents, at a chunk's end where possible) or skipped (a caption or question
+    that does not fit in a row), counted; an image that cannot be read at batch time (deleted or changed
+    since the start) drops its unit from that row, counted and logged.
+    """
+
+    def __init__(self, folder, split, tokenizer, block_size, image_size, seed=0, log=print, check_images=True):
+        self.tok, self.block_size, self.image_size, self.seed, self.log = tokenizer, block_size, image_size, seed, log
+        self.units = []  # per example: its options, each (ids, image paths): one per caption or answer
+        self.skipped = Counter()
+        for ex in read_folder(folder, split, log=log, check_images=check_images):
+            options = [u for u in self.example_units(ex) if u is not None]
+            if not options:
+                self.skipped["longer than block_size"] += 1
+                log(f"{os.path.join(folder, split)}.jsonl:{ex['line']}: skipped: longer than block_size ({block_size})")
+                continue
+            self.units.append(options)
+        if not self.units:
+            raise ValueError(f"{folder}/{split}.jsonl: no example fits in block_size {block_size}")
+        self.epochs = []  # the rows of each epoch computed so far
+
+    def example_units(self, ex):
+        tok, room = self.tok, self.block_size - 1  # 1 for the row's <|endoftext|>
+        if ex["kind"] == "captions":
+            units = [(encode_template(tok, CAPTION, caption=c), [ex["image"]]) for c in ex["captions"]]
+        elif ex["kind"] == "vqa":
+            units = [(encode_template(tok, VQA, question=ex["question"], answer=a), [ex["image"]])
+                     for a in ex["answers"]]
+        else:  # a document
+            ids, images, text_last = [], [], False
+            for what, x in ex["chunks"]:
+                if what == "image":
+                    ids += ([tok.eoc_id] if images and text_last else []) + [tok.image_id]
+                    images.append(x)
+                else:
+                    ids += tok.encode((" " if text_last else "") + x)
+                text_last = what == "text"
+            ids = ids + [tok.eoc_id, tok.eot_id]
+            if len(ids) > room:
+                self.skipped["document cut to block_size"] += 1
+                ids = trim_dangling_images(tok, ids[:room])
+            units = [(ids, images[:ids.count(tok.image_id)])] if tok.image_id in ids else []
+        return [u if len(u[0]) <= room else None for u in units]
+
+    def epoch_rows(self, epoch):
+        """The rows of one epoch: lists of (example, option) packed greedily in a seeded order."""
+        rng = np.random.default_rng([self.seed, epoch])
+        rows, row, n = [], [], 0
+        for e in rng.permutation(len(self.units)):
+            o = int(rng.integers(len(self.units[e])))
+            length = len(self.units[e][o][0])
+            if row and n + length > self.block_size - 1:
+                rows.append(row)
+                row, n = [], 0
+            row.append((int(e), o))
+            n += length
+        return rows + [row]
+
+    def row(self, index):
+        """Row `index` of the endless stream of epochs -> (ids, list of uint8 images)."""
+        epoch, first = 0, index
+        while True:
+            if epoch == len(self.epochs):
+                self.epochs.append(self.epoch_rows(epoch))
+            if index < len(self.epochs[epoch]):
+                break
+            index -= len(self.epochs[epoch])
+            epoch += 1
+        ids, images = [], []
+        for e, o in self.epochs[epoch][index]:
+            unit_ids, paths = self.units[e][o]
+            try:
+                unit_images = [load_image(open(p, "rb").read(), self.image_size) for p in paths]
+            except (OSError, ValueError) as err:
+                self.skipped["image unreadable at batch time"] += 1
+                self.log(f"skipped an example of row {index} of epoch {epoch}: {err}")
+                continue
+            ids += unit_ids
+            images += unit_images
+        if not ids:  # every image of the row failed: the next row instead (a row with no target gives a NaN loss)
+            return self.row(first + 1)
+        return ids + [self.tok.eot_id], images
+
+    def get_batch(self, step, micro_step, grad_accum, rank, world_size, batch_size, mean=CLIP_MEAN, std=CLIP_STD):
+        """One micro-batch, (images, idx, targets) as collate() returns them: the rows batch_indices names."""
+        indices = batch_indices(step, micro_step, grad_accum, rank, world_size, batch_size)
+        return collate([self.row(i) for i in indices], self.tok, self.block_size, mean, std)
+
+    def summary(self):
+        """'420 examples; skipped: 2 longer than block_size' (the lines read_folder skipped are logged there)."""
+        skips = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()) if n) or "nothing"
+        return f"{len(self.units)} examples; skipped: {skips}"
+
 
 # -----------------------------------------------------------------------------
 # 5. Real data: tar shards (webdataset layout)
@@ -890,13 +1057,18 @@ def doc_to_ids(tokenizer, sentences, images, max_tokens=256):
         elif ids:
             s = " " + s
         ids += tok.encode(s)
-    ids = (ids + [tok.eoc_id, tok.eot_id])[:max_tokens]
+    ids = trim_dangling_images(tok, (ids + [tok.eoc_id, tok.eot_id])[:max_tokens])
+    return ids, kept[:ids.count(tok.image_id)]
+
+
+def trim_dangling_images(tok, ids):
+    """ids cut at a token budget, less any <image> at the end that has no text after it (only EOC / EOT)."""
     while tok.image_id in ids:
         last = len(ids) - 1 - ids[::-1].index(tok.image_id)
         if any(t not in (tok.eoc_id, tok.eot_id) for t in ids[last + 1:]):
             break
         ids = ids[:last]
-    return ids, kept[:ids.count(tok.image_id)]
+    return ids
 
 
 def split_shards(paths, rank=0, world_size=1, worker_id=0, num_workers=1):
@@ -955,8 +1127,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
 if __name__ == "__main__":  # python data.py: a few samples and the render speed
     import sys
-    if sys.argv[1:2] == ["folder"]:  # python data.py folder OUT [vqa|captions] [color|shape|size|position]
-        write_shapes_folder(sys.argv[2], *sys.argv[3:4], **dict(zip(["task_kind"], sys.argv[4:5])))
+    if sys.argv[1:2] == ["folder"]:  # python data.py folder OUT [vqa|captions] [question type|task kind] [n_train]
+        write_shapes_folder(sys.argv[2], *sys.argv[3:4], **dict(zip(["task_kind"], sys.argv[4:5])),
+                            **{"n_train": int(n) for n in sys.argv[5:6]})
         print(f"wrote {sys.argv[2]}/train.jsonl, test.jsonl and images/")
         sys.exit()
     import timeit

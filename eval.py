@@ -220,8 +220,7 @@ def roc_auc(labels, scores):
 # An example is a dict: id, image (a path), and captions; or question and answers; or text (the meme's
 # words) and label (0/1). Each reader returns (train, test): the demonstration pool and the test set.
 
-CAPTION = "<image>Output:{caption}<|endofchunk|>"
-VQA = "<image>Question:{question} Short answer:{answer}<|endofchunk|>"
+CAPTION, VQA = data.CAPTION, data.VQA  # "<image>Output:{caption}<|endofchunk|>", "<image>Question:{question} ..."
 HATEFUL = "<image>is an image with: '{text}' written on it. Is it hateful? Answer:{answer}<|endofchunk|>"
 CLASS_NAMES = ("no", "yes")  # HatefulMemes labels 0 and 1, ranked by the model
 
@@ -354,18 +353,6 @@ def fetch(name, root, images=False):
 # =============================================================================
 # 3. The protocol
 
-def encode_chunk(tok, template, **fields):
-    """One chunk's ids: the template's markup (<image>, <|endofchunk|>) becomes special tokens; the fields
-    (a caption, a question) are plain text, so a literal "<image>" in a caption stays text."""
-    ids = []
-    for piece in re.split(r"(\{\w+\})", template):
-        if piece.startswith("{"):
-            ids += tok.encode(fields[piece[1:-1]])
-        elif piece:
-            ids += tok.encode_markup(piece)
-    return ids
-
-
 def chunk(kind, tok, ex, demo):
     """The ids of one example's chunk: a demonstration (with its answer and <|endofchunk|>) or the query."""
     if kind == "captions":
@@ -376,7 +363,7 @@ def chunk(kind, tok, ex, demo):
         template, fields = HATEFUL, {"text": ex["text"], "answer": CLASS_NAMES[ex["label"]] if demo else ""}
     if not demo:
         template = template[:-len(data.EOC)]
-    return encode_chunk(tok, template, **fields)
+    return data.encode_template(tok, template, **fields)
 
 
 def build_prompt(kind, tok, demos, query, zero_shot=False):

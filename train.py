@@ -12,6 +12,11 @@ The sizes and memory per GPU of a config, offline, in seconds, without reading a
 
     python train.py config/9b.py --dry_run=True
 
+Fine-tuning on a folder of your own (captions, questions, documents; data.read_folder), from this project's
+checkpoint or an OpenFlamingo one:
+
+    python train.py config/finetune_folder.py --data_dir=my_folder --init_from=out-shapes
+
 `gradient_accumulation_steps` is per process: the global batch is batch_size * gradient_accumulation_steps
 * world_size samples, and its content depends only on the data seed and the step, so 2 processes with
 accumulation 1 follow exactly the run of 1 process with accumulation 2.
@@ -29,7 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from model import LM, Flamingo, FlamingoConfig, LMConfig
+from model import LM, Flamingo, FlamingoConfig, LMConfig, load_model
 
 # -----------------------------------------------------------------------------
 # default config values (a config file and --key=value overrides change them: configurator.py)
@@ -39,12 +44,17 @@ eval_interval = 200
 log_interval = 10
 eval_iters = 10               # validation batches per evaluation
 always_save_checkpoint = True  # at every eval, else only when the validation loss improves
-init_from = "scratch"         # "scratch" builds from lm/clip; "resume" continues out_dir/ckpt.pt
+init_from = "scratch"         # "scratch" builds from lm/clip; "resume" continues out_dir/ckpt.pt; else fine-tune
+                              # from a checkpoint: an out_dir of train.py (or its ckpt.pt), or OpenFlamingo's
+                              # ("openflamingo/<name>", or a local checkpoint.pt with lm = its LM's directory)
 wandb_log = False
 wandb_project = "flamingo"
 wandb_run_name = "run"
 # data
-dataset = "shapes"
+dataset = "shapes"            # "shapes" (the offline world) or "folder" (data_dir)
+data_dir = None               # dataset "folder": a folder (train.jsonl, val.jsonl or test.jsonl), or several: "a,b"
+                              # ("shapes" among them: the shapes world)
+data_weights = None           # the folders' loss weights, e.g. (1.0, 0.5); None: 1 each
 data_seed = 1337
 tokenizer = "bytes"
 batch_size = 16               # per micro-step and process
@@ -71,6 +81,7 @@ xattn_dim_head = 64
 only_attend_immediate_media = True
 freeze_lm = True
 freeze_vision = True
+train_lm_layers = 0           # also train the LM's top this many layers (fine-tuning); 0 = the frozen LM
 activation_checkpointing = False  # recompute each LM layer in the backward pass: far less memory, ~1/3 more compute
 # optimizer: AdamW, warmup then cosine decay
 learning_rate = 1e-4
@@ -103,12 +114,22 @@ flamingo_options = dict(
     resampler_heads=resampler_heads, resampler_dim_head=resampler_dim_head, num_latents=num_latents,
     max_num_frames=max_num_frames, xattn_heads=xattn_heads, xattn_dim_head=xattn_dim_head,
     only_attend_immediate_media=only_attend_immediate_media, freeze_lm=freeze_lm, freeze_vision=freeze_vision,
-    vision_ln_post=vision_ln_post, vision_stage=vision_stage)
+    vision_ln_post=vision_ln_post, vision_stage=vision_stage, train_lm_layers=train_lm_layers)
+finetune = init_from not in ("scratch", "resume")
 # -----------------------------------------------------------------------------
 # --dry_run=True: the model built on the meta device (no weights read or allocated), its sizes and an estimate of
 # the memory per GPU of this run; then exit, before any data, optimizer or training.
 if dry_run:
-    if pretrain_shapes and not os.path.exists(os.path.join(lm, "config.json")):
+    if finetune:  # the model a checkpoint of ours describes, with this run's train_lm_layers
+        path = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) else init_from
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if os.path.isfile(path) else {}
+        if "flamingo_config" not in saved:
+            sys.exit(f"--dry_run=True with init_from={init_from!r}: dry runs read this project's checkpoints only")
+        flamingo_options = {k: v for k, v in saved["flamingo_config"].items() if k not in ("lm", "clip", "clip_pretrained")}
+        flamingo_options["train_lm_layers"] = max(train_lm_layers, flamingo_options.get("train_lm_layers", 0))
+        lm, clip, clip_pretrained = (saved["flamingo_config"][k] for k in ("lm", "clip", "clip_pretrained"))
+        lm_config = LM.config_of(lm)
+    elif pretrain_shapes and not os.path.exists(os.path.join(lm, "config.json")):
         # stage 1 has not run yet (and does not run here): the GPT-2 that pretrain_shapes.pretrain_lm would make
         # (tests/test_dry_run.py checks that the two agree)
         print(f"{lm} does not exist yet: counting the LM that stage 1 (pretrain_shapes.py) would make")
@@ -144,8 +165,15 @@ if dry_run:
     sys.exit(0)
 if fsdp:
     raise NotImplementedError("FSDP: not yet (fsdp=True only changes the memory estimate of --dry_run=True)")
-if dataset != "shapes":
-    raise NotImplementedError(f"dataset {dataset!r}: train.py reads only the shapes world so far")
+if dataset not in ("shapes", "folder"):
+    raise NotImplementedError(f"dataset {dataset!r}: train.py reads the shapes world and folders so far")
+if dataset == "folder":
+    folders = data_dir.split(",") if isinstance(data_dir, str) else list(data_dir or [])
+    weights = [1.0] * len(folders) if data_weights is None else [float(w) for w in (
+        data_weights.split(",") if isinstance(data_weights, str) else data_weights)]
+    if not folders or len(weights) != len(folders):
+        raise ValueError(f"dataset 'folder' needs data_dir (a folder, or several 'a,b') and one weight per folder "
+                         f"in data_weights: got data_dir={data_dir!r}, data_weights={data_weights!r}")
 # -----------------------------------------------------------------------------
 
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -172,6 +200,16 @@ ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "resume":
     model, checkpoint = Flamingo.from_checkpoint(ckpt_path, verbose=master)
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    tokenizer = config["tokenizer"] = checkpoint["config"]["tokenizer"]
+elif finetune:  # the model and its tokenizer as the checkpoint has them: this config's model keys do not apply
+    ours = os.path.isfile(os.path.join(init_from, "ckpt.pt")) or os.path.basename(init_from) == "ckpt.pt"
+    if not ours and not lm and not init_from.startswith("openflamingo/"):
+        sys.exit(f"init_from={init_from!r}: not an out_dir of train.py (no ckpt.pt); an OpenFlamingo checkpoint.pt "
+                 "also needs lm=<its LM's directory>")
+    model, tokenizer = load_model(init_from, "" if ours else lm, clip, clip_pretrained, verbose=master)
+    model.unfreeze_lm_layers(train_lm_layers)
+    config["tokenizer"] = tokenizer
+    checkpoint, iter_num, best_val_loss = None, 0, float("inf")
 else:
     if pretrain_shapes:  # the shapes world's stand-ins for a pretrained LM and CLIP
         if master:
@@ -185,9 +223,34 @@ else:
     checkpoint, iter_num, best_val_loss = None, 0, float("inf")
 model.to(device)
 model.activation_checkpointing = activation_checkpointing
-tok = data.get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size)
+tok = data.get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
 assert (tok.image_id, tok.eoc_id) == (model.media_token_id, model.eoc_token_id)
 mean, std = model.vision.mean, model.vision.std
+
+# the data: sources, each (name, loss weight, training rows, validation rows or None). The shapes world is one
+# source; folders are one each, and every optimizer step takes a batch from each and adds their losses with
+# their weights, as OpenFlamingo mixes LAION and MMC4. A folder's validation rows come from its val.jsonl, else
+# test.jsonl (for watching the loss only: with always_save_checkpoint=False it also picks the checkpoint kept).
+if dataset == "shapes":
+    sources = [("shapes", 1.0, "shapes", "shapes")]
+else:
+    say = print if master else (lambda msg: None)  # noqa: E731
+    size = model.vision.image_size
+    size = size if isinstance(size, int) else size[0]
+    sources = []
+    for i, (folder, weight) in enumerate(zip(folders, weights)):
+        if folder == "shapes":  # the shapes world as one source of the mix: fine-tuning that keeps what it knew
+            sources.append(("shapes", weight, "shapes", "shapes"))
+            continue
+        val_split = next((s for s in ("val", "test") if os.path.isfile(os.path.join(folder, f"{s}.jsonl"))), None)
+        try:  # a folder with nothing usable stops the run here, with the reason, not after hours of training
+            rows = [data.FolderData(folder, split, tok, block_size, size, data_seed + i, log=say) if split else None
+                    for split in ("train", val_split)]
+        except (OSError, ValueError) as e:
+            sys.exit(f"dataset folder {folder!r}: {e}")
+        say(f"{folder}: train {rows[0].summary()}; validation: {rows[1].summary() if rows[1] else 'none'}"
+            f"{f' ({val_split}.jsonl)' if rows[1] else ''}; loss weight {weight}")
+        sources.append((folder, weight, *rows))
 
 # optimizer: weight decay on the trained matrices only (not on norms, gates, latents or token rows);
 # the gates may learn faster (gate_lr_mult): with Adam a gate moves at most ~lr per step, and a short run
@@ -213,9 +276,12 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 
-def get_batch(split, step, micro_step, n_micro=gradient_accumulation_steps, r=rank, ws=world_size):
-    images, idx, targets = data.get_batch(split, data_seed, step, micro_step, n_micro, r, ws, batch_size,
-                                          tok, block_size, mean, std, pack=pack)
+def get_batch(rows, split, step, micro_step, n_micro=gradient_accumulation_steps, r=rank, ws=world_size):
+    if rows == "shapes":
+        images, idx, targets = data.get_batch(split, data_seed, step, micro_step, n_micro, r, ws, batch_size,
+                                              tok, block_size, mean, std, pack=pack)
+    else:  # a folder's rows (data.FolderData)
+        images, idx, targets = rows.get_batch(step, micro_step, n_micro, r, ws, batch_size, mean, std)
     to = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
     return to(images), to(idx), to(targets)
 
@@ -223,17 +289,22 @@ def get_batch(split, step, micro_step, n_micro=gradient_accumulation_steps, r=ra
 @torch.no_grad()
 def estimate_loss():
     """Mean loss over the eval_iters validation batches of a 1-process run, dealt out to the processes: the
-    same number whatever world_size. The unwrapped module: ranks may run different numbers of batches."""
+    same number whatever world_size. The unwrapped module: ranks may run different numbers of batches.
+    Several sources: the sum of their losses with their weights, as in training. None: no validation data."""
+    val = [(w, rows) for _, w, _, rows in sources if rows is not None]
+    if not val:
+        return None
     model.eval()
-    losses = torch.zeros(eval_iters, device=device)
-    for k in range(rank, eval_iters, world_size):
-        images, idx, targets = get_batch("val", k, 0, 1, 0, 1)
-        with autocast:
-            losses[k] = (model.module if ddp else model)(images, idx, targets)[1]
+    losses = torch.zeros(len(val), eval_iters, device=device)
+    for s, (_, rows) in enumerate(val):
+        for k in range(rank, eval_iters, world_size):
+            images, idx, targets = get_batch(rows, "val", k, 0, 1, 0, 1)
+            with autocast:
+                losses[s, k] = (model.module if ddp else model)(images, idx, targets)[1]
     if ddp:
         dist.all_reduce(losses)  # each batch's loss is on one process, zeros elsewhere
     model.train()
-    return losses.mean().item()
+    return sum(w * loss for (w, _), loss in zip(val, losses.mean(1).tolist()))
 
 
 def get_lr(it):
@@ -280,13 +351,13 @@ while True:
     resumed_here = init_from == "resume" and iter_num == start_iter  # evaluated and saved before the stop
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and not resumed_here:
         val_loss = estimate_loss()
-        if master:
+        if master and val_loss is not None:
             print(f"step {iter_num}: val loss {val_loss:.4f}")
             log({"iter": iter_num, "val_loss": val_loss})
             if wandb_log:
                 wandb.log({"iter": iter_num, "val/loss": val_loss})
-        if iter_num > 0 and (val_loss < best_val_loss or always_save_checkpoint):
-            best_val_loss = min(best_val_loss, val_loss)
+        if iter_num > 0 and (val_loss is None or val_loss < best_val_loss or always_save_checkpoint):
+            best_val_loss = best_val_loss if val_loss is None else min(best_val_loss, val_loss)
             if master:
                 raw_model.save_checkpoint(ckpt_path, optimizer=optimizer.state_dict(), iter_num=iter_num,
                                           best_val_loss=best_val_loss, config=config, rng=torch.get_rng_state())
@@ -294,16 +365,18 @@ while True:
     if iter_num >= max_iters:
         break
 
-    # one optimizer step over gradient_accumulation_steps micro-batches
-    loss_sum = torch.zeros((), device=device)
+    # one optimizer step over gradient_accumulation_steps micro-batches, each a batch of every source
+    loss_sum = torch.zeros(len(sources), device=device)  # each source's loss, times its weight
     for micro_step in range(gradient_accumulation_steps):
-        images, idx, targets = get_batch("train", iter_num, micro_step)
-        if ddp:  # synchronise gradients on the last micro-step only
-            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-        with autocast:
-            _, loss = model(images, idx, targets)
-        (loss / gradient_accumulation_steps).backward()
-        loss_sum += loss.detach()
+        for s, (_, weight, rows, _) in enumerate(sources):
+            images, idx, targets = get_batch(rows, "train", iter_num, micro_step)
+            if ddp:  # synchronise gradients on the last backward pass of the step only
+                model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1
+                                                    and s == len(sources) - 1)
+            with autocast:
+                _, loss = model(images, idx, targets)
+            (weight * loss / gradient_accumulation_steps).backward()
+            loss_sum[s] += weight * loss.detach()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
@@ -316,14 +389,20 @@ while True:
             dist.all_reduce(loss_avg)  # SUM: gloo has AVG only since torch 2.8
             loss_avg /= world_size     # the loss of the whole global batch
         dt, t0 = time.time() - t0, time.time()
-        sps = log_interval * batch_size * gradient_accumulation_steps * world_size / dt
+        sps = log_interval * batch_size * gradient_accumulation_steps * world_size * len(sources) / dt  # rows
         if master:
-            g = gates()
-            print(f"iter {iter_num}: loss {loss_avg.item():.4f}, lr {lr:.2e}, {sps:.1f} samples/s, "
+            g, loss_total = gates(), loss_avg.sum().item()
+            print(f"iter {iter_num}: loss {loss_total:.4f}, lr {lr:.2e}, {sps:.1f} samples/s, "
                   f"mean |tanh gate| {sum(abs(v) for v in g.values()) / len(g):.3f}")
-            log({"iter": iter_num, "loss": loss_avg.item(), "lr": lr, "samples_per_s": sps, "gates": g})
+            record = {"iter": iter_num, "loss": loss_total, "lr": lr, "samples_per_s": sps, "gates": g}
+            if len(sources) > 1:  # each source's weighted loss: is the mix keeping what the model knew?
+                record["source_losses"] = {src[0]: v for src, v in zip(sources, loss_avg.tolist())}
+            log(record)
             if wandb_log:
-                wandb.log({"iter": iter_num, "train/loss": loss_avg.item(), "lr": lr, **g})
+                wandb.log({"iter": iter_num, "train/loss": loss_total, "lr": lr, **g})
 
+for name, _, rows, _ in sources:
+    if master and rows != "shapes" and rows.skipped:
+        print(f"{name}: {rows.summary()}")
 if ddp:
     dist.destroy_process_group()

@@ -160,3 +160,38 @@ def test_sample_py_runs_an_openflamingo_checkpoint(tmp_path, mpt_dir):
     r = run("--init_from=openflamingo/OpenFlamingo-9B-vitl-mpt7b", "--image", "cat.png")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "huggingface-cli download openflamingo/OpenFlamingo-9B-vitl-mpt7b" in r.stderr
+
+
+def test_finetune_an_openflamingo_checkpoint_on_a_folder(tmp_path, mpt_dir):
+    """train.py fine-tunes a local OpenFlamingo checkpoint.pt on a folder (train_lm_layers=1): the checkpoint it
+    writes rebuilds through from_checkpoint, with the trained parts (and the LM's top layer) moved, nothing else."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import data
+    from test_tokenizer import neox_like
+    from test_train import ENV, ROOT
+
+    lm = tmp_path / "lm"
+    shutil.copytree(mpt_dir[0], lm)
+    neox_like(lm)
+    torch.save(openflamingo_state_dict(), tmp_path / "checkpoint.pt")
+    folder = data.write_shapes_folder(str(tmp_path / "folder"), "vqa", n_train=12, n_test=4, task_kind="size")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "train.py", "config/finetune_folder.py", f"--init_from={tmp_path / 'checkpoint.pt'}",
+           f"--lm={lm}", "--clip=flamingo-tiny", "--clip_pretrained=None", f"--data_dir={folder}",
+           f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--batch_size=2",
+           "--train_lm_layers=1"]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    ft, ckpt = Flamingo.from_checkpoint(str(out), verbose=False)
+    assert ft.config.openflamingo and ft.config.train_lm_layers == 1 and ckpt["config"]["tokenizer"] == str(lm)
+    before = dict(load(tmp_path, mpt_dir, openflamingo_state_dict()).named_parameters())
+    top = f"lm.transformer.h.{LAYERS - 1}."
+    for k, v in ft.named_parameters():
+        if k.startswith("vision."):
+            continue  # a random tower here (clip_pretrained=None): each build draws its own, the checkpoint keeps it
+        trained = k.startswith(("perceiver.", "xattn.", "new_", top))
+        assert torch.equal(v, before[k]) != trained, (k, trained)
