@@ -584,7 +584,7 @@ class DownloadError(RuntimeError):
     pass
 
 
-def download(url, path, size=None, sha256=None, retries=3, timeout=30):
+def download(url, path, size=None, sha256=None, retries=3, timeout=30, progress=True):
     """Fetch `url` into `path` with a progress bar, and return path.
 
     Resumable: bytes arrive in path + ".part"; a retry, or a later call after an interrupted run, asks the
@@ -592,6 +592,7 @@ def download(url, path, size=None, sha256=None, retries=3, timeout=30):
     file takes its name only when it is complete and verified (its announced length, and `size` / `sha256`
     when given), so a partial file is never taken for a whole one. An existing `path` is trusted (and
     checked against `size` when given). Raises DownloadError, saying what it tried, after `retries` failures.
+    progress=False: no bar of its own (many small files under one bar: coco_folder).
     """
     import hashlib
     import time
@@ -614,7 +615,8 @@ def download(url, path, size=None, sha256=None, retries=3, timeout=30):
                 length = r.headers.get("Content-Length")
                 total = have + int(length) if length is not None else None
                 with open(part, "ab" if have else "wb") as f, \
-                        tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                        tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(path),
+                             disable=not progress) as bar:
                     for block in r.iter_content(1 << 16):
                         f.write(block)
                         bar.update(len(block))
@@ -623,6 +625,9 @@ def download(url, path, size=None, sha256=None, retries=3, timeout=30):
             break
         except (requests.RequestException, OSError) as e:
             error = e
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            if status is not None and 400 <= status < 500 and status not in (408, 429):
+                raise DownloadError(f"could not download {url}: {e}") from None  # not there: no point retrying
             if attempt + 1 < retries:
                 time.sleep(0.5 * 2 ** attempt)
     else:
@@ -659,6 +664,72 @@ def encode_template(tok, template, **fields):
         elif piece:
             ids += tok.encode_markup(piece)
     return ids
+
+
+COCO_KARPATHY = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
+COCO_IMAGES = "http://images.cocodataset.org"  # + /train2014/COCO_train2014_000000000009.jpg, one file each
+
+
+def coco_folder(root, max_images=5000, max_test=500, karpathy_url=COCO_KARPATHY, images_url=COCO_IMAGES,
+                workers=8, log=print):
+    """
+    python data.py coco: COCO captions as a dataset folder (the format read_folder reads and FolderData trains
+    on). Downloads Karpathy's split file (caption_datasets.zip: every COCO image's five captions and
+    its split), then the first max_images images of its train + restval split and the first max_test of its
+    test split, one file each from COCO's server (workers at a time), and writes train.jsonl / test.jsonl
+    with their captions. Every file is resumable and atomic (download()); a run stopped half-way picks up
+    where it was. An image that fails to download or to decode is skipped, counted and named in the log.
+    Also leaves dataset_coco.json, so that eval.py --task=coco runs on the same directory (the test images not
+    fetched are skipped there). Returns {split: examples written}.
+    """
+    import zipfile
+    from concurrent.futures import ThreadPoolExecutor
+    from tqdm import tqdm
+    os.makedirs(root, exist_ok=True)
+    split_file = os.path.join(root, "dataset_coco.json")
+    if not os.path.exists(split_file):
+        archive = download(karpathy_url, os.path.join(root, "caption_datasets.zip"))
+        with zipfile.ZipFile(archive) as z:
+            name = next((n for n in z.namelist() if n.endswith("dataset_coco.json")), None)
+            if name is None:
+                raise DownloadError(f"{archive} holds no dataset_coco.json: remove it and run again")
+            with z.open(name) as src, open(split_file + ".part", "wb") as dst:
+                dst.write(src.read())
+        os.replace(split_file + ".part", split_file)
+    with open(split_file, encoding="utf-8") as f:
+        images = json.load(f)["images"]
+    chosen = {"train": [im for im in images if im["split"] in ("train", "restval")][:max_images],
+              "test": [im for im in images if im["split"] == "test"][:max_test]}
+
+    def fetch(im):  # -> the folder's line, or a str: why it was skipped
+        rel = f"{im['filepath']}/{im['filename']}"
+        try:
+            path = download(f"{images_url}/{rel}", os.path.join(root, rel), retries=3, progress=False)
+            folder_image(root, rel, check=True)
+        except (DownloadError, ValueError) as e:
+            if os.path.exists(os.path.join(root, rel)):
+                os.remove(os.path.join(root, rel))  # undecodable: fetched again by the next run
+            return f"{rel}: {e}"
+        return {"image": rel, "captions": [c["raw"].strip() for c in im["sentences"]], "id": im["cocoid"]}
+
+    written = {}
+    for split, ims in chosen.items():
+        lines, failed = [], []
+        with ThreadPoolExecutor(workers) as pool:
+            for out in tqdm(pool.map(fetch, ims), total=len(ims), desc=f"COCO {split} images"):
+                (failed if isinstance(out, str) else lines).append(out)
+        for why in failed:
+            log(f"skipped: {why}")
+        if ims and not lines:
+            raise DownloadError(f"none of the {len(ims)} {split} images could be fetched from {images_url} "
+                                f"({failed[0]})")
+        with open(os.path.join(root, f"{split}.jsonl.part"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+        os.replace(os.path.join(root, f"{split}.jsonl.part"), os.path.join(root, f"{split}.jsonl"))
+        log(f"{root}/{split}.jsonl: {len(lines)} images with their captions" +
+            (f", {len(failed)} skipped" if failed else ""))
+        written[split] = len(lines)
+    return written
 
 
 def folder_image(folder, name, check=False):
@@ -1127,6 +1198,19 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
 if __name__ == "__main__":  # python data.py: a few samples and the render speed
     import sys
+    if sys.argv[1:2] == ["coco"]:  # python data.py coco [--data_dir=data/coco] [--max_images=5000] [--max_test=500]
+        from configurator import configure
+        opts = dict(data_dir="data/coco", max_images=5000, max_test=500, karpathy_url=COCO_KARPATHY,
+                    images_url=COCO_IMAGES, workers=8)
+        configure(opts, sys.argv[2:])
+        try:
+            coco_folder(opts.pop("data_dir"), **opts)
+        except DownloadError as e:
+            sys.exit(f"error: {e}\nOffline? On a machine with network, fetch {opts['karpathy_url']} and the images "
+                     f"({opts['images_url']}/train2014/..., or the train2014 / val2014 zips of cocodataset.org), "
+                     "put them in the data directory (caption_datasets.zip, train2014/, val2014/) and run this again: "
+                     "files already there are not fetched again.")
+        sys.exit()
     if sys.argv[1:2] == ["folder"]:  # python data.py folder OUT [vqa|captions] [question type|task kind] [n_train]
         write_shapes_folder(sys.argv[2], *sys.argv[3:4], **dict(zip(["task_kind"], sys.argv[4:5])),
                             **{"n_train": int(n) for n in sys.argv[5:6]})

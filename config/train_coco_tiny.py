@@ -1,11 +1,13 @@
 # A toy COCO run on a laptop (DESIGN section 1, use 1): OpenAI's CLIP ViT-B/32 and GPT-2 (124M), both pretrained and
 # frozen; the resampler, the gated blocks and the two new token rows learn to caption COCO images.
 #
+#   python data.py coco --max_images=5000                   # COCO captions as a dataset folder, data/coco (once)
 #   python train.py config/train_coco_tiny.py --dry_run=True   # sizes and memory: offline, no data, seconds
-#   python train.py config/train_coco_tiny.py                  # the run (downloads GPT-2, CLIP and COCO once)
+#   python train.py config/train_coco_tiny.py                  # the run (downloads GPT-2 and CLIP once)
+#   python eval.py --init_from=out-coco-tiny --task=captions --data_dir=data/coco --shots=0,4
 #
-# Candid: not run yet. train.py has no COCO reader yet (it refuses dataset "coco" until it has), and "about an hour"
-# is estimated, not measured: one step of 8 rows x 64 tokens is ~0.6 TFLOP (the frozen GPT-2 forward and backward
+# Candid: not run yet (this project's machines have no network for COCO, GPT-2 or CLIP), and "about an hour" is
+# estimated, not measured: one step of 8 rows x 64 tokens is ~0.6 TFLOP (the frozen GPT-2 forward and backward
 # for the gradients below it, the trained parts, ~20 ViT-B/32 images), ~13 s on this project's shared 2-core CPU,
 # a few seconds on a laptop CPU of 8 cores or less on an Apple GPU (device = "mps", untested).
 out_dir = "out-coco-tiny"
@@ -13,8 +15,10 @@ eval_interval = 250            # evaluate (and save) every this many steps
 eval_iters = 10                # validation batches per evaluation
 log_interval = 10
 
-# data: COCO captions as `<image>Output:{caption}<|endofchunk|>` (DESIGN sections 7 and 8)
-dataset = "coco"
+# data: the folder `python data.py coco` writes (train.jsonl: an image and its five captions a line); each caption
+# becomes `<image>Output:{caption}<|endofchunk|>` (DESIGN sections 7 and 8), one of the five each epoch
+dataset = "folder"
+data_dir = "data/coco"
 tokenizer = "gpt2"             # GPT-2's BPE (tiktoken downloads it once; offline: TIKTOKEN_CACHE_DIR)
 block_size = 64                # tokens per row: a caption is ~20 tokens with its markup, so 2-3 captions a row
 batch_size = 8                 # rows per step; more rows learn faster per step but each step is slower
