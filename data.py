@@ -1196,6 +1196,60 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return f"{self.n} samples; skipped: {skips}"
 
 
+class ShardStream:
+    """
+    Training rows from tar shards for train.py: "pairs" or "docs" (ShardDataset) read by a DataLoader with
+    num_workers processes, packed into rows of block_size tokens as they come (a sample that does not fit
+    starts the next row), endlessly: when this rank's shards end, the next epoch reads them again. Each rank
+    reads its own shards (split_shards), so unlike the shapes world and folders the rows depend on the number
+    of processes. A resumed run skips the rows the first run consumed, reading them again (exact, since the
+    DataLoader returns its workers' samples in a fixed order, but it costs the time to decode them). Candid:
+    no shuffle buffer: samples come in shard order.
+    """
+
+    def __init__(self, kind, pattern, tokenizer, block_size, image_size=224, rank=0, world_size=1, num_workers=0,
+                 log=print, **reader_opts):
+        import glob
+        paths = sorted(glob.glob(pattern))
+        if not paths:
+            raise ValueError(f"no shard matches {pattern!r}")
+        self.tok, self.block_size, self.num_workers, self.log = tokenizer, block_size, num_workers, log
+        self.dataset = ShardDataset(paths, kind, tokenizer, rank, world_size, image_size, max_tokens=block_size,
+                                    log=log, **reader_opts)
+        split_shards(paths, rank, world_size, 0, max(1, num_workers))  # too few shards: an error now, not mid-run
+        self.epoch, self.rows_done, self.stream = 0, 0, self.rows()
+
+    def samples(self):
+        while True:
+            loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
+            n = 0
+            for sample in loader:
+                n += 1
+                yield sample
+            if n == 0:
+                raise ValueError(f"{self.dataset.kind} shards: an epoch gave no usable sample (see the log above)")
+            self.epoch += 1
+
+    def rows(self):
+        ids, images = [], []
+        for sample_ids, sample_images in self.samples():
+            if ids and len(ids) + len(sample_ids) > self.block_size:
+                yield ids, images
+                ids, images = [], []
+            ids, images = ids + sample_ids, images + sample_images  # one alone too long: collate() cuts it
+
+    def skip(self, n):
+        """Consume n rows (a resumed run: the rows its first run had trained on)."""
+        for _ in range(n):
+            next(self.stream)
+        self.rows_done += n
+
+    def get_batch(self, batch_size, mean=CLIP_MEAN, std=CLIP_STD):
+        """The next batch_size rows, (images, idx, targets) as collate() returns them."""
+        self.rows_done += batch_size
+        return collate([next(self.stream) for _ in range(batch_size)], self.tok, self.block_size, mean, std)
+
+
 if __name__ == "__main__":  # python data.py: a few samples and the render speed
     import sys
     if sys.argv[1:2] == ["coco"]:  # python data.py coco [--data_dir=data/coco] [--max_images=5000] [--max_test=500]

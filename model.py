@@ -1055,13 +1055,14 @@ class Flamingo(nn.Module):
     def trained_state_dict(self):
         return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
 
-    def save_checkpoint(self, path, **extra):
+    def save_checkpoint(self, path, trained=None, vision=None, **extra):
         """Write {"flamingo_config", "model" (trained parts only), **extra} atomically: a temp file, then a
-        rename, so a run killed mid-write leaves the previous checkpoint whole."""
-        ckpt = {"flamingo_config": asdict(self.config), "model": self.trained_state_dict(), **extra}
+        rename, so a run killed mid-write leaves the previous checkpoint whole. trained / vision: those state
+        dicts as given (train.py gathers them whole from FSDP's shards first), else this model's own."""
+        ckpt = {"flamingo_config": asdict(self.config), "model": trained or self.trained_state_dict(), **extra}
         if self.config.clip_pretrained is None and self.config.freeze_vision:
             # a randomly initialised tower cannot be rebuilt from its name alone: keep its weights
-            ckpt["vision"] = {k: v.detach() for k, v in self.vision.state_dict().items()}
+            ckpt["vision"] = vision or {k: v.detach() for k, v in self.vision.state_dict().items()}
         atomic_save(ckpt, path)
 
     @classmethod

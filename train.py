@@ -52,9 +52,11 @@ wandb_project = "flamingo"
 wandb_run_name = "run"
 # data
 dataset = "shapes"            # "shapes" (the offline world) or "folder" (data_dir)
-data_dir = None               # dataset "folder": a folder (train.jsonl, val.jsonl or test.jsonl), or several: "a,b"
-                              # ("shapes" among them: the shapes world)
-data_weights = None           # the folders' loss weights, e.g. (1.0, 0.5); None: 1 each
+data_dir = None               # dataset "folder": a folder (train.jsonl, val.jsonl or test.jsonl), or several: "a,b";
+                              # also "shapes" (the shapes world) and tar shards "pairs:GLOB", "docs:GLOB" (LAION, MMC4)
+data_weights = None           # the sources' loss weights, e.g. (0.2, 1.0); None: 1 each
+data_batch_sizes = None       # the sources' rows per micro-step, e.g. (16, 8) (OpenFlamingo: pairs 2x documents); None: batch_size
+num_workers = 2               # DataLoader processes per rank reading tar shards
 data_seed = 1337
 tokenizer = "bytes"
 batch_size = 16               # per micro-step and process
@@ -78,6 +80,7 @@ num_latents = 64
 max_num_frames = 1            # the resampler's time embeddings: videos of up to this many frames; 0 = none (OpenFlamingo)
 xattn_heads = 8
 xattn_dim_head = 64
+xattn_ff_mult = 4             # the gated blocks' feed-forward width, times the LM's
 only_attend_immediate_media = True
 freeze_lm = True
 freeze_vision = True
@@ -100,7 +103,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 compile = False
 backend = "nccl" if torch.cuda.is_available() else "gloo"
-fsdp = False                  # shard weights, gradients and optimizer state over processes: not yet (dry runs only)
+fsdp = False                  # shard weights, gradients and optimizer state over the processes (torchrun; fully_shard)
 seed = 1337
 dry_run = False               # build the model on the meta device, print its sizes and memory per GPU, then exit
 dry_run_world_size = 8        # the number of processes (GPUs) a dry run estimates for
@@ -112,7 +115,7 @@ min_lr = learning_rate / 10 if min_lr is None else min_lr
 flamingo_options = dict(
     cross_attn_every_n_layers=cross_attn_every_n_layers, resampler_depth=resampler_depth,
     resampler_heads=resampler_heads, resampler_dim_head=resampler_dim_head, num_latents=num_latents,
-    max_num_frames=max_num_frames, xattn_heads=xattn_heads, xattn_dim_head=xattn_dim_head,
+    max_num_frames=max_num_frames, xattn_heads=xattn_heads, xattn_dim_head=xattn_dim_head, xattn_ff_mult=xattn_ff_mult,
     only_attend_immediate_media=only_attend_immediate_media, freeze_lm=freeze_lm, freeze_vision=freeze_vision,
     vision_ln_post=vision_ln_post, vision_stage=vision_stage, train_lm_layers=train_lm_layers)
 finetune = init_from not in ("scratch", "resume")
@@ -153,27 +156,32 @@ if dry_run:
     # images per row), the frozen vision encoder (no gradients), CUDA's own overhead.
     b = 4 if dtype == "float32" else 2
     ws = dry_run_world_size if fsdp else 1
-    BT, C, L = batch_size * block_size, lm_config.n_embd, lm_config.n_layer
+    rows = max(data_batch_sizes or (batch_size,)) if not isinstance(data_batch_sizes, str) else \
+        max(int(b) for b in data_batch_sizes.split(","))  # a mix runs its sources one after the other: the largest
+    BT, C, L = rows * block_size, lm_config.n_embd, lm_config.n_layer
     weights_gb = (frozen * b + trained * 16) / ws / 1e9
     values = L + 32 if activation_checkpointing else 16 * (L + len(model.xattn))  # (BT, C) values per token
     acts_gb = (values * BT * C * b + BT * (lm_config.vocab_size + 2) * 8) / 1e9
     mem = weights_gb + acts_gb
-    print(f"memory per GPU ({f'FSDP over {ws}' if fsdp else 'DDP'}, {dtype}, batch {batch_size} x {block_size} "
+    print(f"memory per GPU ({f'FSDP over {ws}' if fsdp else 'DDP'}, {dtype}, batch {rows} x {block_size} "
           f"tokens{', activation checkpointing' if activation_checkpointing else ''}): "
           f"weights {weights_gb:.2f} GB + activations {acts_gb:.2f} GB = {mem:.2f} GB (a rough estimate)")
     print(json.dumps({"total_params": trained + frozen, "trained_params": trained, "memory_per_gpu_gb": round(mem, 2)}))
     sys.exit(0)
-if fsdp:
-    raise NotImplementedError("FSDP: not yet (fsdp=True only changes the memory estimate of --dry_run=True)")
+if fsdp and int(os.environ.get("RANK", -1)) == -1:
+    sys.exit("fsdp=True shards over processes: start train.py with torchrun (README, Scaling up)")
 if dataset not in ("shapes", "folder"):
     raise NotImplementedError(f"dataset {dataset!r}: train.py reads the shapes world and folders so far")
 if dataset == "folder":
     folders = data_dir.split(",") if isinstance(data_dir, str) else list(data_dir or [])
     weights = [1.0] * len(folders) if data_weights is None else [float(w) for w in (
         data_weights.split(",") if isinstance(data_weights, str) else data_weights)]
-    if not folders or len(weights) != len(folders):
-        raise ValueError(f"dataset 'folder' needs data_dir (a folder, or several 'a,b') and one weight per folder "
-                         f"in data_weights: got data_dir={data_dir!r}, data_weights={data_weights!r}")
+    sizes = [batch_size] * len(folders) if data_batch_sizes is None else [int(b) for b in (
+        data_batch_sizes.split(",") if isinstance(data_batch_sizes, str) else data_batch_sizes)]
+    if not folders or len(weights) != len(folders) or len(sizes) != len(folders):
+        raise ValueError(f"dataset 'folder' needs data_dir (a folder, or several 'a,b') and one weight and batch size "
+                         f"per source: got data_dir={data_dir!r}, data_weights={data_weights!r}, "
+                         f"data_batch_sizes={data_batch_sizes!r}")
 # -----------------------------------------------------------------------------
 
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -227,20 +235,30 @@ tok = data.get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, ne
 assert (tok.image_id, tok.eoc_id) == (model.media_token_id, model.eoc_token_id)
 mean, std = model.vision.mean, model.vision.std
 
-# the data: sources, each (name, loss weight, training rows, validation rows or None). The shapes world is one
-# source; folders are one each, and every optimizer step takes a batch from each and adds their losses with
-# their weights, as OpenFlamingo mixes LAION and MMC4. A folder's validation rows come from its val.jsonl, else
-# test.jsonl (for watching the loss only: with always_save_checkpoint=False it also picks the checkpoint kept).
+# the data: sources, each (name, loss weight, training rows, validation rows or None, rows per micro-step). The
+# shapes world is one source; folders and tar shards are one each, and every optimizer step takes a batch from
+# each and adds their losses with their weights, as OpenFlamingo mixes LAION and MMC4. A folder's validation rows
+# come from its val.jsonl, else test.jsonl (for watching the loss only: with always_save_checkpoint=False it also
+# picks the checkpoint kept); shards have none.
 if dataset == "shapes":
-    sources = [("shapes", 1.0, "shapes", "shapes")]
+    sources = [("shapes", 1.0, "shapes", "shapes", batch_size)]
 else:
     say = print if master else (lambda msg: None)  # noqa: E731
     size = model.vision.image_size
     size = size if isinstance(size, int) else size[0]
     sources = []
-    for i, (folder, weight) in enumerate(zip(folders, weights)):
+    for i, (folder, weight, bs) in enumerate(zip(folders, weights, sizes)):
         if folder == "shapes":  # the shapes world as one source of the mix: fine-tuning that keeps what it knew
-            sources.append(("shapes", weight, "shapes", "shapes"))
+            sources.append(("shapes", weight, "shapes", "shapes", bs))
+            continue
+        if folder.startswith(("pairs:", "docs:")):  # tar shards: a stream per rank (data.ShardStream)
+            kind, pattern = folder.split(":", 1)
+            try:
+                stream = data.ShardStream(kind, pattern, tok, block_size, size, rank, world_size, num_workers, log=say)
+            except ValueError as e:
+                sys.exit(f"data_dir {folder!r}: {e}")
+            stream.skip(iter_num * gradient_accumulation_steps * bs)  # a resumed run: what was already trained on
+            sources.append((folder, weight, stream, None, bs))
             continue
         val_split = next((s for s in ("val", "test") if os.path.isfile(os.path.join(folder, f"{s}.jsonl"))), None)
         try:  # a folder with nothing usable stops the run here, with the reason, not after hours of training
@@ -250,7 +268,35 @@ else:
             sys.exit(f"dataset folder {folder!r}: {e}")
         say(f"{folder}: train {rows[0].summary()}; validation: {rows[1].summary() if rows[1] else 'none'}"
             f"{f' ({val_split}.jsonl)' if rows[1] else ''}; loss weight {weight}")
-        sources.append((folder, weight, *rows))
+        sources.append((folder, weight, *rows, bs))
+
+# FSDP (PyTorch's fully_shard): each LM layer, each gated block (its cross-attention apart, whose media_kv
+# generation and encode_media call outside its forward), the resampler and the vision tower become units whose
+# weights, gradients and optimizer state are split over the processes and gathered one unit at a time; the root
+# keeps the rest (embeddings, head, new token rows). Weights become DTensors: checkpoints gather them whole.
+if fsdp:
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    for unit in model.lm.transformer.h:
+        fully_shard(unit)
+    for blk in model.xattn.values():
+        fully_shard(blk.attn)
+        register_fsdp_forward_method(blk.attn, "media_kv")
+        fully_shard(blk)
+    fully_shard(model.perceiver)
+    fully_shard(model.vision)
+    fully_shard(model)
+
+
+def whole(sd):
+    """A state dict with FSDP's sharded tensors gathered whole (a collective: every process calls it)."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}
+
+
+def optimizer_state():
+    """The optimizer's state_dict with whole tensors: the same file with FSDP or without, either resumes either."""
+    sd = optimizer.state_dict()
+    return {**sd, "state": {i: whole(st) for i, st in sd["state"].items()}} if fsdp else sd
+
 
 # optimizer: weight decay on the trained matrices only (not on norms, gates, latents or token rows);
 # the gates may learn faster (gate_lr_mult): with Adam a gate moves at most ~lr per step, and a short run
@@ -265,6 +311,14 @@ optimizer = torch.optim.AdamW([
     {"params": [p for n, p in named if is_gate(n)], "weight_decay": 0.0, "lr_mult": gate_lr_mult},
 ], lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
 if checkpoint is not None:
+    if fsdp:  # every process read the whole state; each keeps the shard of each tensor that its weights have
+        from torch.distributed.tensor import distribute_tensor
+        in_order = [p for group in optimizer.param_groups for p in group["params"]]  # the state's numbering
+        for i, st in checkpoint["optimizer"]["state"].items():
+            p = in_order[i]
+            for k, v in st.items():
+                if v.shape == p.shape and v.dim():
+                    st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
     optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng"])
 checkpoint = None  # free memory
@@ -272,16 +326,18 @@ checkpoint = None  # free memory
 raw_model = model  # what is saved: never the DDP or compiled wrapper
 if compile:
     model = torch.compile(model)
-if ddp:
+if ddp and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 
-def get_batch(rows, split, step, micro_step, n_micro=gradient_accumulation_steps, r=rank, ws=world_size):
+def get_batch(rows, split, step, micro_step, n_micro=gradient_accumulation_steps, r=rank, ws=world_size, bs=batch_size):
     if rows == "shapes":
-        images, idx, targets = data.get_batch(split, data_seed, step, micro_step, n_micro, r, ws, batch_size,
+        images, idx, targets = data.get_batch(split, data_seed, step, micro_step, n_micro, r, ws, bs,
                                               tok, block_size, mean, std, pack=pack)
+    elif isinstance(rows, data.ShardStream):  # the next rows of this rank's stream
+        images, idx, targets = rows.get_batch(bs, mean, std)
     else:  # a folder's rows (data.FolderData)
-        images, idx, targets = rows.get_batch(step, micro_step, n_micro, r, ws, batch_size, mean, std)
+        images, idx, targets = rows.get_batch(step, micro_step, n_micro, r, ws, bs, mean, std)
     to = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
     return to(images), to(idx), to(targets)
 
@@ -290,21 +346,22 @@ def get_batch(rows, split, step, micro_step, n_micro=gradient_accumulation_steps
 def estimate_loss():
     """Mean loss over the eval_iters validation batches of a 1-process run, dealt out to the processes: the
     same number whatever world_size. The unwrapped module: ranks may run different numbers of batches.
-    Several sources: the sum of their losses with their weights, as in training. None: no validation data."""
-    val = [(w, rows) for _, w, _, rows in sources if rows is not None]
+    Several sources: the sum of their losses with their weights, as in training. None: no validation data.
+    FSDP: every process runs every batch (each forward gathers weights from all of them)."""
+    val = [(w, rows, bs) for _, w, _, rows, bs in sources if rows is not None]
     if not val:
         return None
     model.eval()
     losses = torch.zeros(len(val), eval_iters, device=device)
-    for s, (_, rows) in enumerate(val):
-        for k in range(rank, eval_iters, world_size):
-            images, idx, targets = get_batch(rows, "val", k, 0, 1, 0, 1)
+    for s, (_, rows, bs) in enumerate(val):
+        for k in range(0 if fsdp else rank, eval_iters, 1 if fsdp else world_size):
+            images, idx, targets = get_batch(rows, "val", k, 0, 1, 0, 1, bs)
             with autocast:
-                losses[s, k] = (model.module if ddp else model)(images, idx, targets)[1]
-    if ddp:
+                losses[s, k] = (model.module if isinstance(model, DDP) else model)(images, idx, targets)[1]
+    if ddp and not fsdp:
         dist.all_reduce(losses)  # each batch's loss is on one process, zeros elsewhere
     model.train()
-    return sum(w * loss for (w, _), loss in zip(val, losses.mean(1).tolist()))
+    return sum(w * loss for (w, _, _), loss in zip(val, losses.mean(1).tolist()))
 
 
 def get_lr(it):
@@ -319,8 +376,8 @@ def get_lr(it):
 
 
 def gates():
-    """tanh of every gate: how open each GATED XATTN-DENSE block is (0 = the bare LM)."""
-    return {f"{i}.{g}": round(math.tanh(getattr(blk, g).item()), 4)
+    """tanh of every gate: how open each GATED XATTN-DENSE block is (0 = the bare LM). FSDP: every process calls it."""
+    return {f"{i}.{g}": round(math.tanh(whole({g: getattr(blk, g)})[g].item()), 4)
             for i, blk in raw_model.xattn.items() for g in ("attn_gate", "ff_gate")}
 
 
@@ -358,8 +415,12 @@ while True:
                 wandb.log({"iter": iter_num, "val/loss": val_loss})
         if iter_num > 0 and (val_loss is None or val_loss < best_val_loss or always_save_checkpoint):
             best_val_loss = best_val_loss if val_loss is None else min(best_val_loss, val_loss)
+            trained = vision = None
+            if fsdp:  # gathered whole on every process (collectives), written by the master
+                trained, vision = whole(raw_model.trained_state_dict()), whole(raw_model.vision.state_dict())
+            opt_state = optimizer_state()
             if master:
-                raw_model.save_checkpoint(ckpt_path, optimizer=optimizer.state_dict(), iter_num=iter_num,
+                raw_model.save_checkpoint(ckpt_path, trained, vision, optimizer=opt_state, iter_num=iter_num,
                                           best_val_loss=best_val_loss, config=config, rng=torch.get_rng_state())
                 print(f"saved {ckpt_path}")
     if iter_num >= max_iters:
@@ -368,11 +429,13 @@ while True:
     # one optimizer step over gradient_accumulation_steps micro-batches, each a batch of every source
     loss_sum = torch.zeros(len(sources), device=device)  # each source's loss, times its weight
     for micro_step in range(gradient_accumulation_steps):
-        for s, (_, weight, rows, _) in enumerate(sources):
-            images, idx, targets = get_batch(rows, "train", iter_num, micro_step)
-            if ddp:  # synchronise gradients on the last backward pass of the step only
-                model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1
-                                                    and s == len(sources) - 1)
+        for s, (_, weight, rows, _, bs) in enumerate(sources):
+            images, idx, targets = get_batch(rows, "train", iter_num, micro_step, bs=bs)
+            last = micro_step == gradient_accumulation_steps - 1 and s == len(sources) - 1
+            if fsdp:  # reduce-scatter the gradients on the last backward pass of the step only
+                raw_model.set_requires_gradient_sync(last)
+            elif ddp:  # all-reduce them then
+                model.require_backward_grad_sync = last
             with autocast:
                 _, loss = model(images, idx, targets)
             (weight * loss / gradient_accumulation_steps).backward()
@@ -389,9 +452,10 @@ while True:
             dist.all_reduce(loss_avg)  # SUM: gloo has AVG only since torch 2.8
             loss_avg /= world_size     # the loss of the whole global batch
         dt, t0 = time.time() - t0, time.time()
-        sps = log_interval * batch_size * gradient_accumulation_steps * world_size * len(sources) / dt  # rows
+        sps = log_interval * sum(src[4] for src in sources) * gradient_accumulation_steps * world_size / dt  # rows
+        g = gates()
         if master:
-            g, loss_total = gates(), loss_avg.sum().item()
+            loss_total = loss_avg.sum().item()
             print(f"iter {iter_num}: loss {loss_total:.4f}, lr {lr:.2e}, {sps:.1f} samples/s, "
                   f"mean |tanh gate| {sum(abs(v) for v in g.values()) / len(g):.3f}")
             record = {"iter": iter_num, "loss": loss_total, "lr": lr, "samples_per_s": sps, "gates": g}
@@ -401,8 +465,8 @@ while True:
             if wandb_log:
                 wandb.log({"iter": iter_num, "train/loss": loss_total, "lr": lr, **g})
 
-for name, _, rows, _ in sources:
-    if master and rows != "shapes" and rows.skipped:
+for name, _, rows, _, _ in sources:
+    if master and isinstance(rows, data.FolderData) and rows.skipped:
         print(f"{name}: {rows.summary()}")
 if ddp:
     dist.destroy_process_group()

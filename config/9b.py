@@ -7,7 +7,7 @@
 #
 #   torchrun --standalone --nproc_per_node=8 train.py config/9b.py
 #
-# Candid: train.py cannot run this yet. It reads only the shapes world (no LAION / MMC4 mix); the dry run needs none.
+# Candid: not run yet (no GPUs and no data here). FSDP (fsdp = True) is still only an estimate; DDP is the default.
 out_dir = "out-9b"
 eval_interval = 1000
 eval_iters = 20
@@ -36,10 +36,17 @@ max_num_frames = 0
 xattn_heads = 8
 xattn_dim_head = 64
 
-# Data: LAION-2B pairs and MMC4 documents (DESIGN section 7), once train.py reads them (it refuses this name until
-# then). Rows of 256 tokens (OpenFlamingo's MMC4 limit). Per GPU 8 rows x 4 micro-steps: 8 GPUs make a global batch
-# of 256 (OpenFlamingo's MMC4 batch; its LAION batch of 512 waits for data mixing).
-dataset = "laion_mmc4"
+# Data: LAION-2B pairs and MMC4 documents (DESIGN section 7) as webdataset tar shards (img2dataset's layout for
+# LAION; MMC4's documents with their images), mixed as OpenFlamingo mixes them: every step a batch of each, their
+# losses weighted 0.2 and 1.0, the pair batch twice the document batch. Rows of 256 tokens (OpenFlamingo's MMC4
+# limit; pairs are packed several to a row). Per GPU 16 + 8 rows x 4 micro-steps: 8 GPUs make global batches of
+# 512 pair rows and 256 document rows (OpenFlamingo's 512 pairs and 256 documents). Shards are split over the
+# GPUs and DataLoader workers: give at least 8 x num_workers shards of each.
+dataset = "folder"
+data_dir = "pairs:data/laion/*.tar,docs:data/mmc4/*.tar"
+data_weights = (0.2, 1.0)
+data_batch_sizes = (16, 8)
+num_workers = 4
 block_size = 256
 batch_size = 8
 gradient_accumulation_steps = 4

@@ -250,3 +250,39 @@ def test_dataset_docs_and_summary(tmp_path):
     ((ids, images),) = list(ds)
     assert ids == tok.encode_markup(f"Hello.{IMAGE}World.{EOC}{EOT}") and len(images) == 1
     assert ds.summary() == "1 samples; skipped: 1 bad json, 1 no image within max_tokens"
+
+
+# -----------------------------------------------------------------------------
+# train.py on shards: pairs and documents mixed by loss weight, and an exact resume
+
+def doc_shards(tmp_path, n_shards, per_shard):
+    paths = []
+    for s in range(n_shards):
+        members = []
+        for j in range(per_shard):
+            key, k = f"doc{s:03d}{j:03d}", s * per_shard + j
+            infos = [{"image_name": f"{key}.{i}.png", "matched_text_index": i, "matched_sim": 0.3} for i in range(2)]
+            members += [(f"{key}.json", doc_json([f"first {k}.", f"second {k}.", "end."], infos)),
+                        (f"{key}.0.png", encode(scene(100 + k))), (f"{key}.1.png", encode(scene(200 + k)))]
+        members.append((f"bad{s}.json", b"{not json"))  # one bad document a shard: skipped, counted
+        paths.append(write_tar(tmp_path / f"docs-{s:03d}.tar", members))
+    return paths
+
+
+def test_train_py_mixes_pairs_and_documents_and_resumes_exactly(tmp_path):
+    from test_train import SMALL, make_assets, run_train
+    assets = make_assets(str(tmp_path / "assets"))
+    pair_shards(tmp_path, n_shards=4, per_shard=5)
+    doc_shards(tmp_path, n_shards=4, per_shard=3)
+    mix = ["--dataset=folder", f"--data_dir=pairs:{tmp_path}/shard-*.tar,docs:{tmp_path}/docs-*.tar",
+           "--data_weights=(0.2, 1.0)", "--data_batch_sizes=(4, 2)", "--num_workers=2", "--eval_interval=2"]
+    log = run_train(str(tmp_path / "full"), *SMALL, *assets, *mix, "--max_iters=6")
+    losses = [r["source_losses"] for r in log if "source_losses" in r]
+    assert len(losses) == 6 and all(set(x) == {mix[1][len("--data_dir="):].split(",")[0],
+                                               mix[1].split(",")[1]} for x in losses)
+    run_train(str(tmp_path / "cut"), *SMALL, *assets, *mix, "--max_iters=2")
+    resumed = run_train(str(tmp_path / "cut"), *SMALL, *assets, *mix, "--max_iters=6", "--init_from=resume")
+    full_w = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["model"]
+    cut_w = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(full_w[k], cut_w[k]) for k in full_w)  # the resumed run skipped to the same rows
+    assert [r["loss"] for r in resumed if "loss" in r] == [r["loss"] for r in log if "loss" in r]
