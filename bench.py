@@ -1,10 +1,13 @@
 """
 Speed measurements, as ratios taken in one run (ours against a baseline on the same machine).
 
-    python bench.py            # generation: KV cache + media computed once, against recomputing everything
+    python bench.py                  # generation: KV cache + media computed once, against recomputing everything
+    python bench.py --what=features  # training steps on cached vision features, against running the tower
 
-At the shapes-world size (config/train_shapes.py) with random weights: a 4-shot task-by-example
-prompt (5 images) and 32 new tokens, greedy, batch 1.
+Generation at the shapes-world size (config/train_shapes.py) with random weights: a 4-shot task-by-example
+prompt (5 images) and 32 new tokens, greedy, batch 1. Features: CLIP ViT-B/32 (random weights, 224 px) and a
+tiny LM, training steps of 8 rows of 128 tokens on a folder of shapes captions (several images a row), with
+train.py's cache_vision_features (data.FeatureCache) and without.
 """
 
 import tempfile
@@ -17,14 +20,48 @@ import data
 from model import LM, LMConfig, Flamingo, save_pretrained
 
 # -----------------------------------------------------------------------------
+what = "generate"  # or "features"
 new_tokens = 32
 repeats = 3
+steps = 4          # training steps timed each way (features)
 device = "cpu"
 from configurator import configure  # noqa: E402
 configure(globals())
 # -----------------------------------------------------------------------------
 
 torch.manual_seed(0)
+if what == "features":
+    with tempfile.TemporaryDirectory() as d:
+        save_pretrained(LM(LMConfig(arch="gpt2", vocab_size=257, n_layer=4, n_head=4, n_embd=64, block_size=512)), d)
+        model = Flamingo.from_pretrained(lm=d, clip="ViT-B-32", clip_pretrained=None, resampler_depth=2,
+                                         num_latents=16, xattn_heads=4, xattn_dim_head=32, verbose=False).to(device)
+        tok = data.get_tokenizer("bytes")
+        folder = data.write_shapes_folder(f"{d}/folder", "captions", n_train=64, n_test=0)
+        rows = data.FolderData(folder, "train", tok, 128, 224, log=lambda m: None)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def seconds_per_step():
+            t0 = time.perf_counter()
+            for i in range(steps):
+                images, idx, targets = rows.get_batch(i, 0, 1, 0, 1, 8, model.vision.mean, model.vision.std)
+                kw = {"vision_features": images.to(device)} if rows.features else {"images": images.to(device)}
+                model(idx=idx.to(device), targets=targets.to(device), **{"images": None, **kw})[1].backward()
+                opt.step()
+                opt.zero_grad()
+            return (time.perf_counter() - t0) / steps, len(images)
+
+        pixels, n = seconds_per_step()
+        t0 = time.perf_counter()
+        rows.features = data.FeatureCache(f"{d}/features.npy", rows.image_paths(), lambda x: model.vision(x.to(device)),
+                                          224, "bench", model.vision.mean, model.vision.std, log=lambda m: None)
+        build = time.perf_counter() - t0
+        cached, _ = seconds_per_step()
+    print(f"{steps} steps each, {n} images a step, {torch.get_num_threads()} threads; the cache of "
+          f"{len(rows.image_paths())} images took {build:.1f} s to build")
+    print(f"tower on pixels: {pixels:6.2f} s/step")
+    print(f"cached features: {cached:6.2f} s/step")
+    print(f"speed-up: {pixels / cached:.1f}x")
+    raise SystemExit
 with tempfile.TemporaryDirectory() as d:
     save_pretrained(LM(LMConfig(arch="gpt2", vocab_size=257, n_layer=4, n_head=4, n_embd=64, block_size=512)), d)
     model = Flamingo.from_pretrained(lm=d, clip="shapes-vit", resampler_depth=2, resampler_heads=4,

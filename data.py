@@ -500,7 +500,7 @@ def chunk_mask(idx, image_id, eoc_id):
     return (idx != image_id) & (last_image > last_eoc_before)
 
 
-def collate(samples, tokenizer, block_size, image_mean=CLIP_MEAN, image_std=CLIP_STD):
+def collate(samples, tokenizer, block_size, image_mean=CLIP_MEAN, image_std=CLIP_STD, stack=None):
     """
     samples: list of (text markup or its ids, list of uint8 (H, W, 3) images) -> (images, idx, targets):
       images  (N, 1, 3, H, W) float32, normalised, the N images of the batch in the order of
@@ -508,6 +508,8 @@ def collate(samples, tokenizer, block_size, image_mean=CLIP_MEAN, image_std=CLIP
       idx     (B, T) long, T = the longest row (<= block_size), right-padded with <|endoftext|>
       targets (B, T) long, targets[b, t] = idx[b, t+1] where that token is chunk text, else -1
     Rows longer than block_size are cut, and with them the images whose <image> token was cut.
+    stack: a function from the list of kept images to the images tensor, for images that are not pixels
+    (FeatureCache.lookup: image paths -> the tower's cached features (N, 1, S, D)).
     """
     rows, images = [], []
     for text, imgs in samples:
@@ -527,6 +529,8 @@ def collate(samples, tokenizer, block_size, image_mean=CLIP_MEAN, image_std=CLIP
     targets[:, :-1] = torch.where(is_target[:, 1:], idx[:, 1:], -1)
     if not images:
         return None, idx, targets
+    if stack is not None:
+        return stack(images), idx, targets
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W) in [0, 1]
     mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -704,7 +708,7 @@ def coco_folder(root, max_images=5000, max_test=500, karpathy_url=COCO_KARPATHY,
     def fetch(im):  # -> the folder's line, or a str: why it was skipped
         rel = f"{im['filepath']}/{im['filename']}"
         try:
-            path = download(f"{images_url}/{rel}", os.path.join(root, rel), retries=3, progress=False)
+            download(f"{images_url}/{rel}", os.path.join(root, rel), retries=3, progress=False)
             folder_image(root, rel, check=True)
         except (DownloadError, ValueError) as e:
             if os.path.exists(os.path.join(root, rel)):
@@ -814,7 +818,7 @@ def read_folder(folder, split="train", kind=None, log=print, check_images=False)
                     raise ValueError(f"not JSON ({e.msg})") from None
                 if not isinstance(d, dict):
                     raise ValueError("not a JSON object")
-                line_kind = next((k for f, k in LINE_KINDS.items() if f in d), None)
+                line_kind = next((k for field, k in LINE_KINDS.items() if field in d), None)
                 if line_kind not in kinds:
                     raise ValueError(f"not a {' or '.join(kinds)} line (fields: {sorted(d)})")
                 ex = {"id": d.get("id", f"{split}:{n}"), "kind": line_kind, "line": n}
@@ -885,6 +889,7 @@ class FolderData:
 
     def __init__(self, folder, split, tokenizer, block_size, image_size, seed=0, log=print, check_images=True):
         self.tok, self.block_size, self.image_size, self.seed, self.log = tokenizer, block_size, image_size, seed, log
+        self.features = None  # a FeatureCache of this folder's images: rows then carry paths, batches features
         self.units = []  # per example: its options, each (ids, image paths): one per caption or answer
         self.skipped = Counter()
         for ex in read_folder(folder, split, log=log, check_images=check_images):
@@ -948,8 +953,14 @@ class FolderData:
         ids, images = [], []
         for e, o in self.epochs[epoch][index]:
             unit_ids, paths = self.units[e][o]
+            if self.features is not None:  # the images' cached features are looked up by path in get_batch
+                ids, images = ids + unit_ids, images + paths
+                continue
             try:
-                unit_images = [load_image(open(p, "rb").read(), self.image_size) for p in paths]
+                unit_images = []
+                for p in paths:
+                    with open(p, "rb") as f:
+                        unit_images.append(load_image(f.read(), self.image_size))
             except (OSError, ValueError) as err:
                 self.skipped["image unreadable at batch time"] += 1
                 self.log(f"skipped an example of row {index} of epoch {epoch}: {err}")
@@ -963,12 +974,68 @@ class FolderData:
     def get_batch(self, step, micro_step, grad_accum, rank, world_size, batch_size, mean=CLIP_MEAN, std=CLIP_STD):
         """One micro-batch, (images, idx, targets) as collate() returns them: the rows batch_indices names."""
         indices = batch_indices(step, micro_step, grad_accum, rank, world_size, batch_size)
-        return collate([self.row(i) for i in indices], self.tok, self.block_size, mean, std)
+        return collate([self.row(i) for i in indices], self.tok, self.block_size, mean, std,
+                       stack=None if self.features is None else self.features.lookup)
+
+    def image_paths(self):
+        return sorted({p for options in self.units for _, paths in options for p in paths})
 
     def summary(self):
         """'420 examples; skipped: 2 longer than block_size' (the lines read_folder skipped are logged there)."""
         skips = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()) if n) or "nothing"
         return f"{len(self.units)} examples; skipped: {skips}"
+
+
+class FeatureCache:
+    """
+    The frozen vision tower's output for a set of image files, computed once and kept on disk, so that later
+    epochs, and later runs, skip the tower (with a frozen tower and no augmentation its output never changes).
+    `path` is an .npy file read as a memmap, (n_images, S, D), next to `path`.json naming the images and the
+    tower (`key`); a cache that does not match both is computed again. Written atomically (a .part file, then
+    a rename). encode: a function (n, 3, H, W) normalised pixels -> (n, S, D) features.
+    """
+
+    def __init__(self, path, image_paths, encode, image_size, key, mean=CLIP_MEAN, std=CLIP_STD, batch_size=32,
+                 dtype=np.float32, log=print):
+        from tqdm import tqdm
+        self.index = {p: i for i, p in enumerate(sorted(set(image_paths)))}
+        meta = {"key": key, "images": list(self.index)}
+        if os.path.exists(path) and os.path.exists(path + ".json"):
+            with open(path + ".json") as f:
+                if json.load(f) == meta:
+                    self.array = np.load(path, mmap_mode="r")
+                    log(f"vision features of {len(self.index)} images: {path} (cached)")
+                    return
+        m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        paths, out = list(self.index), None
+        if not paths:
+            raise ValueError("no images to compute features of")
+        for i in tqdm(range(0, len(paths), batch_size), desc="vision features (once)"):
+            pixels = []
+            for p in paths[i:i + batch_size]:
+                with open(p, "rb") as f:
+                    pixels.append(load_image(f.read(), image_size))
+            x = (torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255 - m) / s  # (n, 3, H, W)
+            with torch.no_grad():
+                feats = encode(x).float().cpu().numpy()                                          # (n, S, D)
+            if out is None:
+                out = np.lib.format.open_memmap(path + ".part", mode="w+", dtype=dtype,
+                                                shape=(len(paths), *feats.shape[1:]))
+            out[i:i + len(feats)] = feats
+        out.flush()
+        del out
+        os.replace(path + ".part", path)
+        with open(path + ".json.part", "w") as f:
+            json.dump(meta, f)
+        os.replace(path + ".json.part", path + ".json")
+        self.array = np.load(path, mmap_mode="r")
+        log(f"vision features of {len(paths)} images: {path} ({self.array.nbytes / 1e6:.0f} MB)")
+
+    def lookup(self, paths):
+        """Image paths -> their features, (N, 1, S, D) float32 (one frame each)."""
+        rows = [self.index[p] for p in paths]
+        return torch.from_numpy(np.ascontiguousarray(self.array[rows])).float().unsqueeze(1)
 
 
 # -----------------------------------------------------------------------------

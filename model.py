@@ -837,26 +837,32 @@ class Flamingo(nn.Module):
     # -------------------------------------------------------------------------
     # Forward: images -> visual tokens, then the LM's layers with the gated blocks in between
 
-    def encode_media(self, images, idx):
+    def encode_media(self, images, idx, vision_features=None):
         """Resampled visual tokens of each row's images, in slots: (B, M, R, D), or None without images.
 
         `images` (N, F, 3, H, W) holds the N media items of the batch in the order of their `<image>`
         tokens, row by row. Only real images are encoded: a row with fewer images than M leaves zero
-        slots that no token can attend to (see xattn.media_mask).
+        slots that no token can attend to (see xattn.media_mask). vision_features (N, F, S, D) instead: the
+        frozen tower's output for those images, computed once and cached (train.py's cache_vision_features).
         """
+        if vision_features is not None:
+            images = vision_features
         counts = (idx == self.media_token_id).sum(1)   # (B,) images per row
         n = int(counts.sum())
         if images is None or n == 0:
             if n or (images is not None and len(images)):
                 raise ValueError(f"{n} <image> tokens but {0 if images is None else len(images)} images")
             return None
-        if images.ndim != 5 or images.shape[0] != n:
-            raise ValueError(f"images must be (N, F, 3, H, W) with N = {n} (the number of <image> tokens); "
-                             f"got {tuple(images.shape)}")
+        if images.ndim not in (4, 5) or images.shape[0] != n or (images.ndim == 4) != (vision_features is not None):
+            raise ValueError(f"images must be (N, F, 3, H, W), or vision_features (N, F, S, D), with N = {n} (the "
+                             f"number of <image> tokens); got {tuple(images.shape)}")
         N, Fr = images.shape[:2]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
-            feats = self.vision(images.flatten(0, 1))        # (N*F, S, D)
-        feats = feats.view(N, Fr, *feats.shape[1:])          # (N, F, S, D)
+        if vision_features is None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
+                feats = self.vision(images.flatten(0, 1))    # (N*F, S, D)
+            feats = feats.view(N, Fr, *feats.shape[1:])      # (N, F, S, D)
+        else:
+            feats = vision_features.to(next(self.perceiver.parameters()).dtype)
         tokens = self.perceiver(feats)                       # (N, R, D)
         B, M = idx.shape[0], int(counts.max())
         row = torch.repeat_interleave(torch.arange(B, device=idx.device), counts)       # (N,) row of each item
@@ -905,9 +911,10 @@ class Flamingo(nn.Module):
         h = lm.transformer.ln_f(x)
         return torch.cat([lm.lm_head(h), h @ self.new_lm_head.to(h.dtype).t()], dim=-1)  # (B, T, V + 2)
 
-    def forward(self, images, idx, targets=None):
-        """images (N, F, 3, H, W) or None, idx (B, T) -> logits (B, T, V + 2), loss or None."""
-        visual = self.encode_media(images, idx)                  # (B, M, R, D)
+    def forward(self, images, idx, targets=None, vision_features=None):
+        """images (N, F, 3, H, W) or None, idx (B, T) -> logits (B, T, V + 2), loss or None.
+        vision_features (N, F, S, D): the tower's output for the images, given instead of them (encode_media)."""
+        visual = self.encode_media(images, idx, vision_features)  # (B, M, R, D)
         text_time = (idx == self.media_token_id).cumsum(1)       # (B, T): phi of Flamingo Figure 6
         logits = self.decode(idx, text_time, self.media_kvs(visual))
         loss = None

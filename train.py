@@ -29,6 +29,7 @@ import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -57,6 +58,7 @@ data_dir = None               # dataset "folder": a folder (train.jsonl, val.jso
 data_weights = None           # the sources' loss weights, e.g. (0.2, 1.0); None: 1 each
 data_batch_sizes = None       # the sources' rows per micro-step, e.g. (16, 8) (OpenFlamingo: pairs 2x documents); None: batch_size
 num_workers = 2               # DataLoader processes per rank reading tar shards
+cache_vision_features = False  # folders: run the frozen tower once per image and keep its output on disk (out_dir)
 data_seed = 1337
 tokenizer = "bytes"
 batch_size = 16               # per micro-step and process
@@ -269,6 +271,25 @@ else:
         say(f"{folder}: train {rows[0].summary()}; validation: {rows[1].summary() if rows[1] else 'none'}"
             f"{f' ({val_split}.jsonl)' if rows[1] else ''}; loss weight {weight}")
         sources.append((folder, weight, *rows, bs))
+    # The frozen tower's output for every folder image, computed once (by the master, before any sharding) and
+    # kept in out_dir as a memmap: later epochs, and resumed runs, skip the tower (README, "Speed").
+    folder_rows = [rows for src in sources for rows in src[2:4] if isinstance(rows, data.FolderData)]
+    if cache_vision_features and folder_rows:
+        if not model.config.freeze_vision:
+            sys.exit("cache_vision_features needs a frozen vision tower (freeze_vision=True)")
+        fingerprint = sum(p.double().sum().item() for p in model.vision.parameters())  # which weights
+        key = f"{model.config.clip}|{model.config.clip_pretrained}|{model.config.vision_ln_post}|" \
+              f"{model.config.vision_stage}|{size}|{fingerprint:.9e}"
+        cache_args = (os.path.join(out_dir, "vision_features.npy"), [p for r in folder_rows for p in r.image_paths()],
+                      lambda x: model.vision(x.to(device)), size, key, mean, std)
+        if master:
+            cache = data.FeatureCache(*cache_args, dtype=np.float32 if dtype == "float32" else np.float16, log=say)
+        if ddp:
+            dist.barrier()
+        if not master:  # the master's file, read (its key matches)
+            cache = data.FeatureCache(*cache_args, log=say)
+        for rows in folder_rows:
+            rows.features = cache
 
 # FSDP (PyTorch's fully_shard): each LM layer, each gated block (its cross-attention apart, whose media_kv
 # generation and encode_media call outside its forward), the resampler and the vision tower become units whose
@@ -342,6 +363,13 @@ def get_batch(rows, split, step, micro_step, n_micro=gradient_accumulation_steps
     return to(images), to(idx), to(targets)
 
 
+def loss_of(m, images, idx, targets):
+    """The loss of a batch; `images` may be the tower's cached features (N, 1, S, D) instead of pixels."""
+    if images is not None and images.ndim == 4:
+        return m(None, idx, targets, vision_features=images)[1]
+    return m(images, idx, targets)[1]
+
+
 @torch.no_grad()
 def estimate_loss():
     """Mean loss over the eval_iters validation batches of a 1-process run, dealt out to the processes: the
@@ -357,7 +385,7 @@ def estimate_loss():
         for k in range(0 if fsdp else rank, eval_iters, 1 if fsdp else world_size):
             images, idx, targets = get_batch(rows, "val", k, 0, 1, 0, 1, bs)
             with autocast:
-                losses[s, k] = (model.module if isinstance(model, DDP) else model)(images, idx, targets)[1]
+                losses[s, k] = loss_of(model.module if isinstance(model, DDP) else model, images, idx, targets)
     if ddp and not fsdp:
         dist.all_reduce(losses)  # each batch's loss is on one process, zeros elsewhere
     model.train()
@@ -437,7 +465,7 @@ while True:
             elif ddp:  # all-reduce them then
                 model.require_backward_grad_sync = last
             with autocast:
-                _, loss = model(images, idx, targets)
+                loss = loss_of(model, images, idx, targets)
             (weight * loss / gradient_accumulation_steps).backward()
             loss_sum[s] += weight * loss.detach()
     if grad_clip:

@@ -197,3 +197,26 @@ def test_finetune_config_dry_run(base):
     record, _, _ = dry_run("config/finetune_folder.py", f"--init_from={base}", "--train_lm_layers=1")
     layer = sum(p.numel() for p in model.lm.transformer.h[-1].parameters())
     assert (record["total_params"], record["trained_params"]) == (trained + frozen, trained + layer)
+
+
+def test_cached_vision_features_train_the_same(setup):
+    """cache_vision_features=True: the tower runs once per image (a memmap in out_dir, reused by a later run of the
+    same tower), and training reads its output: the same weights as with pixels, to float rounding."""
+    import subprocess
+    import sys
+    root, assets, a, _ = setup
+    run_train(str(root / "pixels"), *SMALL, *assets, *FOLDER, f"--data_dir={a}")
+    out = root / "cached"
+    cmd = [sys.executable, "train.py", *SMALL, *assets, *FOLDER, f"--data_dir={a}", f"--out_dir={out}",
+           "--cache_vision_features=True"]
+    first = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "vision features of 32 images" in first.stdout and "(cached)" not in first.stdout  # 24 train + 8 test
+    pixels, cached = weights(root / "pixels"), weights(out)
+    for k in pixels:
+        torch.testing.assert_close(cached[k], pixels[k], rtol=1e-4, atol=1e-6)
+    again = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "vision features of 32 images" in again.stdout and "(cached)" in again.stdout
+    other = subprocess.run(cmd + ["--clip_pretrained=None"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                           timeout=300)  # another tower (random weights): computed again
+    assert other.returncode == 0 and "(cached)" not in other.stdout
