@@ -376,12 +376,10 @@ class LM(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)  # no memory: the real tensors come from the checkpoint
         ours = model.state_dict()
-        sd = hf_to_ours(cfg, load_hf_state_dict(path), ours)
+        sd = hf_to_ours(cfg, load_hf_state_dict(path, dtype), ours)
         for k, v in sd.items():
             if v.shape != ours[k].shape:
                 raise ValueError(f"{k}: checkpoint has shape {tuple(v.shape)}, the model expects {tuple(ours[k].shape)}")
-        if dtype is not None:
-            sd = {k: v.to(dtype) for k, v in sd.items()}
         model.load_state_dict(sd, strict=True, assign=True)
         if cfg.tie_word_embeddings:  # assign=True replaced the tensor: tie again
             model.lm_head.weight = model.transformer.wte.weight
@@ -482,22 +480,30 @@ def resolve_checkpoint_dir(path_or_hub_id):
             f"Offline? Download it elsewhere (huggingface-cli download {path_or_hub_id}) and pass the local directory.") from None
 
 
-def load_hf_state_dict(path):
-    """All tensors of a checkpoint directory: sharded or single safetensors, or a .bin (weights_only)."""
+def load_hf_state_dict(path, dtype=None):
+    """All tensors of a checkpoint directory: safetensors or .bin (weights_only), single or sharded (an
+    .index.json, as MPT-7B's two pytorch_model-0000k-of-00002.bin). Read shard by shard, each tensor cast to
+    `dtype` as its shard is read: a bf16 run never holds the LM in fp32, only one shard at a time as stored."""
     from safetensors.torch import load_file
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        sd = {}
-        for shard in shards:
-            sd.update(load_file(os.path.join(path, shard)))
-        return sd
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return load_file(os.path.join(path, "model.safetensors"))
-    if os.path.exists(os.path.join(path, "pytorch_model.bin")):
-        return torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {path}")
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        index = os.path.join(path, single + ".index.json")  # model.safetensors.index.json, pytorch_model.bin...
+        if os.path.exists(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            break
+        if os.path.exists(os.path.join(path, single)):
+            shards = [single]
+            break
+    else:
+        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (or their sharded .index.json) in {path}")
+    sd = {}
+    for shard in shards:
+        file = os.path.join(path, shard)
+        part = load_file(file) if shard.endswith(".safetensors") else \
+            torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        sd.update({k: v if dtype is None or not v.is_floating_point() else v.to(dtype) for k, v in part.items()})
+        del part
+    return sd
 
 
 def hf_to_ours(cfg, hf, ours):

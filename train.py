@@ -228,9 +228,14 @@ else:
                      vision_stage)
         if ddp:
             dist.barrier()
+    # the LM keeps its checkpoint's dtype, read shard by shard (model.load_hf_state_dict). Candid: not cast to the
+    # autocast dtype: on a CPU, autocast's LayerNorm refuses bf16 weights with fp32 inputs (not tried on a GPU)
     model = Flamingo.from_pretrained(lm=lm, clip=clip, clip_pretrained=clip_pretrained, verbose=master,
                                      **flamingo_options)
     checkpoint, iter_num, best_val_loss = None, 0, float("inf")
+for p in model.parameters():  # what is trained stays in fp32, whatever the LM's dtype: AdamW's small updates need it
+    if p.requires_grad:
+        p.data = p.data.float()
 model.to(device)
 model.activation_checkpointing = activation_checkpointing
 tok = data.get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
@@ -497,4 +502,5 @@ for name, _, rows, _, _ in sources:
     if master and isinstance(rows, data.FolderData) and rows.skipped:
         print(f"{name}: {rows.summary()}")
 if ddp:
+    dist.barrier()  # all done (the master may still be writing a checkpoint): a process leaving early can abort gloo
     dist.destroy_process_group()

@@ -326,6 +326,25 @@ def test_bin_checkpoints(gpt2, llama, tmp_path):
             close(lm(x)[0], hf(x).logits)
 
 
+def test_sharded_bin_checkpoint(llama, tmp_path):
+    """pytorch_model-0000k-of-0000n.bin shards with pytorch_model.bin.index.json (MPT-7B's layout), read shard by
+    shard; with dtype=bfloat16 every floating tensor is cast as its shard is read."""
+    path, hf = llama
+    shutil.copy(os.path.join(path, "config.json"), tmp_path)
+    sd, weight_map = hf.state_dict(), {}
+    names = sorted(sd)
+    for k in range(3):  # written by hand: recent transformers save only safetensors
+        shard = f"pytorch_model-{k + 1:05d}-of-00003.bin"
+        torch.save({n: sd[n].clone() for n in names[k::3]}, tmp_path / shard)
+        weight_map.update({n: shard for n in names[k::3]})
+    with open(tmp_path / "pytorch_model.bin.index.json", "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    x = ids()
+    with torch.no_grad():
+        close(LM.from_pretrained(str(tmp_path))(x)[0], hf(x).logits)
+    assert all(p.dtype == torch.bfloat16 for p in LM.from_pretrained(str(tmp_path), dtype=torch.bfloat16).parameters())
+
+
 def test_dtype_and_device_arguments(llama):
     path, hf = llama
     lm = LM.from_pretrained(path, dtype=torch.bfloat16, device="cpu")
