@@ -501,6 +501,10 @@ while True:
 for name, _, rows, _, _ in sources:
     if master and isinstance(rows, data.FolderData) and rows.skipped:
         print(f"{name}: {rows.summary()}")
-if ddp:
-    dist.barrier()  # all done (the master may still be writing a checkpoint): a process leaving early can abort gloo
+if ddp:  # a clean exit: a process group torn down at interpreter exit (still held by DDP's reducer or FSDP's
+    # units, or left while the master still wrote its checkpoint) can abort the process after a good run
+    dist.barrier()
+    model = raw_model = optimizer = None
+    import gc
+    gc.collect()
     dist.destroy_process_group()

@@ -51,7 +51,7 @@ class MaskedCrossAttention(nn.Module):
         Generation computes these once per prompt and reuses them for every new token."""
         B, M, R, _ = visual.shape
         k, v = self.to_kv(visual.reshape(B, M * R, -1)).chunk(2, dim=-1)
-        return tuple(t.view(B, M * R, self.heads, -1).transpose(1, 2) for t in (k, v))
+        return tuple(t.view(B, M * R, self.heads, -1).transpose(1, 2).contiguous() for t in (k, v))
 
     def forward(self, x, text_time, kv, R):
         B, T, _ = x.shape
