@@ -1263,19 +1263,24 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return f"{self.n} samples; skipped: {skips}"
 
 
+def as_is(sample):
+    return sample
+
+
 class ShardStream:
     """
     Training rows from tar shards for train.py: "pairs" or "docs" (ShardDataset) read by a DataLoader with
     num_workers processes, packed into rows of block_size tokens as they come (a sample that does not fit
     starts the next row), endlessly: when this rank's shards end, the next epoch reads them again. Each rank
     reads its own shards (split_shards), so unlike the shapes world and folders the rows depend on the number
-    of processes. A resumed run skips the rows the first run consumed, reading them again (exact, since the
-    DataLoader returns its workers' samples in a fixed order, but it costs the time to decode them). Candid:
-    no shuffle buffer: samples come in shard order.
+    of processes. Samples pass through a shuffle buffer (as webdataset's .shuffle(n)): each comes out at a random
+    place among the next `shuffle` ones, drawn with a generator seeded by (seed, rank). A resumed run skips the
+    rows the first run consumed, reading them again (exact, since the DataLoader returns its workers' samples in
+    a fixed order and the buffer is seeded, but it costs the time to decode them).
     """
 
     def __init__(self, kind, pattern, tokenizer, block_size, image_size=224, rank=0, world_size=1, num_workers=0,
-                 log=print, **reader_opts):
+                 shuffle=0, seed=0, log=print, **reader_opts):
         import glob
         paths = sorted(glob.glob(pattern))
         if not paths:
@@ -1284,11 +1289,21 @@ class ShardStream:
         self.dataset = ShardDataset(paths, kind, tokenizer, rank, world_size, image_size, max_tokens=block_size,
                                     log=log, **reader_opts)
         split_shards(paths, rank, world_size, 0, max(1, num_workers))  # too few shards: an error now, not mid-run
+        self.shuffle, self.rng = shuffle, np.random.default_rng([seed, rank])
         self.epoch, self.rows_done, self.stream = 0, 0, self.rows()
+
+    def shuffled(self):
+        """The samples through the shuffle buffer: a full buffer gives out a random one of its samples."""
+        buffer = []
+        for sample in self.samples():
+            buffer.append(sample)
+            if len(buffer) > self.shuffle:
+                yield buffer.pop(int(self.rng.integers(len(buffer))))
 
     def samples(self):
         while True:
-            loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
+            loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                                 collate_fn=as_is)  # not default_convert: images stay uint8 arrays
             n = 0
             for sample in loader:
                 n += 1
@@ -1299,7 +1314,7 @@ class ShardStream:
 
     def rows(self):
         ids, images = [], []
-        for sample_ids, sample_images in self.samples():
+        for sample_ids, sample_images in self.shuffled():
             if ids and len(ids) + len(sample_ids) > self.block_size:
                 yield ids, images
                 ids, images = [], []

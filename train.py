@@ -58,6 +58,7 @@ data_dir = None               # dataset "folder": a folder (train.jsonl, val.jso
 data_weights = None           # the sources' loss weights, e.g. (0.2, 1.0); None: 1 each
 data_batch_sizes = None       # the sources' rows per micro-step, e.g. (16, 8) (OpenFlamingo: pairs 2x documents); None: batch_size
 num_workers = 2               # DataLoader processes per rank reading tar shards
+shuffle_buffer = 1000         # tar shards: samples shuffled within a buffer of this many (0: in shard order)
 cache_vision_features = False  # folders: run the frozen tower once per image and keep its output on disk (out_dir)
 data_seed = 1337
 tokenizer = "bytes"
@@ -261,7 +262,8 @@ else:
         if folder.startswith(("pairs:", "docs:")):  # tar shards: a stream per rank (data.ShardStream)
             kind, pattern = folder.split(":", 1)
             try:
-                stream = data.ShardStream(kind, pattern, tok, block_size, size, rank, world_size, num_workers, log=say)
+                stream = data.ShardStream(kind, pattern, tok, block_size, size, rank, world_size, num_workers,
+                                          shuffle_buffer, data_seed + i, log=say)
             except ValueError as e:
                 sys.exit(f"data_dir {folder!r}: {e}")
             stream.skip(iter_num * gradient_accumulation_steps * bs)  # a resumed run: what was already trained on

@@ -7,7 +7,7 @@
 #
 #   torchrun --standalone --nproc_per_node=8 train.py config/9b.py
 #
-# Candid: not run yet (no GPUs and no data here). FSDP (fsdp = True) is still only an estimate; DDP is the default.
+# Candid: not run yet (no GPUs and no data here); DDP and FSDP (fsdp = True) are tested on CPU with 2 processes only.
 out_dir = "out-9b"
 eval_interval = 1000
 eval_iters = 20
@@ -62,7 +62,7 @@ grad_clip = 1.0
 
 # System: bf16 autocast (the frozen weights are counted in bf16 by the dry run), activation checkpointing (each LM
 # layer recomputed in the backward pass: the 9B fits an 80 GB GPU with DDP). fsdp = True shards the weights,
-# gradients and optimizer state over the GPUs for smaller ones: only the dry run's estimate knows it yet.
+# gradients and optimizer state over the GPUs for smaller ones (train.py, "FSDP").
 device = "cuda"
 dtype = "bfloat16"
 activation_checkpointing = True

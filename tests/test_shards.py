@@ -275,7 +275,8 @@ def test_train_py_mixes_pairs_and_documents_and_resumes_exactly(tmp_path):
     pair_shards(tmp_path, n_shards=4, per_shard=5)
     doc_shards(tmp_path, n_shards=4, per_shard=3)
     mix = ["--dataset=folder", f"--data_dir=pairs:{tmp_path}/shard-*.tar,docs:{tmp_path}/docs-*.tar",
-           "--data_weights=(0.2, 1.0)", "--data_batch_sizes=(4, 2)", "--num_workers=2", "--eval_interval=2"]
+           "--data_weights=(0.2, 1.0)", "--data_batch_sizes=(4, 2)", "--num_workers=2", "--eval_interval=2",
+           "--shuffle_buffer=6"]
     log = run_train(str(tmp_path / "full"), *SMALL, *assets, *mix, "--max_iters=6")
     losses = [r["source_losses"] for r in log if "source_losses" in r]
     assert len(losses) == 6 and all(set(x) == {mix[1][len("--data_dir="):].split(",")[0],
@@ -286,3 +287,20 @@ def test_train_py_mixes_pairs_and_documents_and_resumes_exactly(tmp_path):
     cut_w = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(full_w[k], cut_w[k]) for k in full_w)  # the resumed run skipped to the same rows
     assert [r["loss"] for r in resumed if "loss" in r] == [r["loss"] for r in log if "loss" in r]
+
+
+def test_shard_stream_shuffle_buffer_is_seeded(tmp_path):
+    tok = data.get_tokenizer("bytes")
+    pair_shards(tmp_path, n_shards=2, per_shard=6)
+    pattern = str(tmp_path / "shard-*.tar")
+
+    def captions(shuffle, seed, n=24):
+        stream = data.ShardStream("pairs", pattern, tok, block_size=8, image_size=32, shuffle=shuffle, seed=seed,
+                                  log=lambda m: None)  # block_size 8: one pair a row
+        return [tok.decode(next(stream.stream)[0][1:-2]) for _ in range(n)]
+
+    in_order = captions(0, 0)
+    assert in_order[:12] == [f"sample {s:03d}{j:03d}" for s in range(2) for j in range(6)] and in_order[12:] == in_order[:12]
+    shuffled = captions(5, 0)
+    assert shuffled == captions(5, 0) != in_order and shuffled != captions(5, 1)
+    assert set(shuffled) <= set(in_order) and len(set(shuffled[:12])) > 6
