@@ -220,3 +220,13 @@ def test_cached_vision_features_train_the_same(setup):
     other = subprocess.run(cmd + ["--clip_pretrained=None"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                            timeout=300)  # another tower (random weights): computed again
     assert other.returncode == 0 and "(cached)" not in other.stdout
+
+
+def test_folder_rows_do_not_depend_on_the_number_of_processes(setup, tmp_path):
+    """2 DDP processes x accumulation 1 follow 1 process x accumulation 2 on a folder: the same rows each step."""
+    root, assets, a, _ = setup
+    one = run_train(str(tmp_path / "one"), *SMALL, *assets, *FOLDER, f"--data_dir={a}", "--gradient_accumulation_steps=2")
+    two = run_train(str(tmp_path / "two"), *SMALL, *assets, *FOLDER, f"--data_dir={a}", nproc=2)
+    got, want = [r["loss"] for r in two if "loss" in r], [r["loss"] for r in one if "loss" in r]
+    assert len(got) == len(want) == 3
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=0)
