@@ -499,8 +499,13 @@ def load_hf_state_dict(path, dtype=None):
     sd = {}
     for shard in shards:
         file = os.path.join(path, shard)
-        part = load_file(file) if shard.endswith(".safetensors") else \
-            torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        if shard.endswith(".safetensors"):
+            part = load_file(file)
+        else:
+            try:  # mapped, not read whole; files older than torch 1.6's zip format cannot be mapped
+                part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                part = torch.load(file, map_location="cpu", weights_only=True)
         sd.update({k: v if dtype is None or not v.is_floating_point() else v.to(dtype) for k, v in part.items()})
         del part
     return sd
