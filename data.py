@@ -806,35 +806,38 @@ def read_folder(folder, split="train", kind=None, log=print, check_images=False)
     path = os.path.join(folder, f"{split}.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: a dataset folder holds train.jsonl and test.jsonl (README)")
+    from tqdm import tqdm
     examples, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        lines = f.read().splitlines()  # bytes: a line that is not UTF-8 is one bad line, not a crash
+    # decoding every image is the long part of a large folder: a progress bar then
+    for n, line in enumerate(tqdm(lines, desc=f"{path}: images", disable=not check_images or len(lines) < 500), 1):
+        if not line.strip():
+            continue
+        try:
             try:
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"not JSON ({e.msg})") from None
-                if not isinstance(d, dict):
-                    raise ValueError("not a JSON object")
-                line_kind = next((k for field, k in LINE_KINDS.items() if field in d), None)
-                if line_kind not in kinds:
-                    raise ValueError(f"not a {' or '.join(kinds)} line (fields: {sorted(d)})")
-                ex = {"id": d.get("id", f"{split}:{n}"), "kind": line_kind, "line": n}
-                if line_kind == "docs":
-                    ex["chunks"] = doc_chunks(folder, d["chunks"], check_images)
-                else:
-                    ex["image"] = folder_image(folder, d.get("image"), check_images)
-                if line_kind == "vqa":
-                    ex["question"] = texts(d["question"], "question")[0]
-                    ex["answers"] = texts(d.get("answers", d.get("answer")), "answers")
-                elif line_kind == "captions":
-                    ex["captions"] = texts(d["captions"], "captions")
-                examples.append(ex)
-            except (ValueError, TypeError) as e:
-                skipped += 1
-                log(f"{path}:{n}: skipped: {e}")
+                d = json.loads(line.decode("utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not JSON ({e.msg})") from None
+            if not isinstance(d, dict):
+                raise ValueError("not a JSON object")
+            line_kind = next((k for field, k in LINE_KINDS.items() if field in d), None)
+            if line_kind not in kinds:
+                raise ValueError(f"not a {' or '.join(kinds)} line (fields: {sorted(d)})")
+            ex = {"id": d.get("id", f"{split}:{n}"), "kind": line_kind, "line": n}
+            if line_kind == "docs":
+                ex["chunks"] = doc_chunks(folder, d["chunks"], check_images)
+            else:
+                ex["image"] = folder_image(folder, d.get("image"), check_images)
+            if line_kind == "vqa":
+                ex["question"] = texts(d["question"], "question")[0]
+                ex["answers"] = texts(d.get("answers", d.get("answer")), "answers")
+            elif line_kind == "captions":
+                ex["captions"] = texts(d["captions"], "captions")
+            examples.append(ex)
+        except (ValueError, TypeError) as e:
+            skipped += 1
+            log(f"{path}:{n}: skipped: {e}")
     if skipped:
         log(f"{path}: {len(examples)} examples, {skipped} lines skipped")
     if not examples:

@@ -95,16 +95,18 @@ def test_bad_lines_and_files_are_counted_skips(tmp_path, tok):
         {"chunks": [{"text": "no image"}]}, {"chunks": [{"image": "ok.png"}, {"video": "v.mp4"}]},
         {"image": "ok.png", "captions": ["far too long " * 40]},
     ])
+    with open(os.path.join(root, "train.jsonl"), "ab") as f:
+        f.write(b'{"image": "ok.png", "captions": ["\xff\xfe not UTF-8"]}\n')  # line 12
     logged = []
     fd = data.FolderData(root, "train", tok, block_size=128, image_size=32, log=logged.append)
     assert len(fd.units) == 1 and fd.skipped == {"longer than block_size": 1}
     text = "\n".join(logged)
     for n, why in [(2, "not JSON"), (3, "not a vqa or captions or docs line"), (4, "empty 'captions'"),
                    (5, "not found"), (6, "cannot be decoded"), (7, "leaves the folder"), (8, "leaves the folder"),
-                   (9, "no image followed by text"), (10, "chunk 1 is not")]:
+                   (9, "no image followed by text"), (10, "chunk 1 is not"), (12, "can't decode byte 0xff")]:
         line = next(m for m in logged if f"train.jsonl:{n}: skipped: " in m)
         assert why in line, (n, why, line)
-    assert "train.jsonl: 2 examples, 9 lines skipped" in text and "train.jsonl:11: skipped: longer than" in text
+    assert "train.jsonl: 2 examples, 10 lines skipped" in text and "train.jsonl:11: skipped: longer than" in text
     write(tmp_path, ["{not json", {"image": "missing.png", "captions": ["x"]}])
     with pytest.raises(ValueError, match="no usable"):
         data.FolderData(root, "train", tok, block_size=128, image_size=32, log=lambda m: None)
