@@ -943,9 +943,17 @@ class FolderData:
             n += length
         return rows + [row]
 
-    def row(self, index):
-        """Row `index` of the endless stream of epochs -> (ids, list of uint8 images)."""
-        epoch, first = 0, index
+    def row(self, index, tries=100):
+        """Row `index` of the endless stream of epochs -> (ids, list of uint8 images). A row whose every image
+        fails (deleted since the start) is replaced by the next one: a row with no target would give a NaN loss."""
+        for i in range(index, index + tries):
+            ids, images = self.row_as_is(i)
+            if ids:
+                return ids + [self.tok.eot_id], images
+        raise RuntimeError(f"rows {index}..{index + tries - 1}: no image could be read (see the log)")
+
+    def row_as_is(self, index):
+        epoch = 0
         while True:
             if epoch == len(self.epochs):
                 self.epochs.append(self.epoch_rows(epoch))
@@ -960,19 +968,14 @@ class FolderData:
                 ids, images = ids + unit_ids, images + paths
                 continue
             try:
-                unit_images = []
-                for p in paths:
-                    with open(p, "rb") as f:
-                        unit_images.append(load_image(f.read(), self.image_size))
+                unit_images = [load_image_file(p, self.image_size) for p in paths]
             except (OSError, ValueError) as err:
                 self.skipped["image unreadable at batch time"] += 1
                 self.log(f"skipped an example of row {index} of epoch {epoch}: {err}")
                 continue
             ids += unit_ids
             images += unit_images
-        if not ids:  # every image of the row failed: the next row instead (a row with no target gives a NaN loss)
-            return self.row(first + 1)
-        return ids + [self.tok.eot_id], images
+        return ids, images
 
     def get_batch(self, step, micro_step, grad_accum, rank, world_size, batch_size, mean=CLIP_MEAN, std=CLIP_STD):
         """One micro-batch, (images, idx, targets) as collate() returns them: the rows batch_indices names."""
@@ -1015,10 +1018,7 @@ class FeatureCache:
         if not paths:
             raise ValueError("no images to compute features of")
         for i in tqdm(range(0, len(paths), batch_size), desc="vision features (once)"):
-            pixels = []
-            for p in paths[i:i + batch_size]:
-                with open(p, "rb") as f:
-                    pixels.append(load_image(f.read(), image_size))
+            pixels = [load_image_file(p, image_size) for p in paths[i:i + batch_size]]
             x = (torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255 - m) / s  # (n, 3, H, W)
             with torch.no_grad():
                 feats = encode(x).float().cpu().numpy()                                          # (n, S, D)
@@ -1081,6 +1081,12 @@ def tar_groups(path, skipped):
         return
     if group:
         yield key, group
+
+
+def load_image_file(path, size):
+    """load_image() on the bytes of the file at `path` (OSError when it cannot be read)."""
+    with open(path, "rb") as f:
+        return load_image(f.read(), size)
 
 
 def load_image(data, size):

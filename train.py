@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+from collections import namedtuple
 from contextlib import nullcontext
 
 import numpy as np
@@ -240,16 +241,19 @@ for p in model.parameters():  # what is trained stays in fp32, whatever the LM's
 model.to(device)
 model.activation_checkpointing = activation_checkpointing
 tok = data.get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
+if model.lm.config.arch == "gpt2" and block_size > model.lm.config.block_size:  # learned positions: a hard limit
+    sys.exit(f"block_size {block_size} is longer than the LM's {model.lm.config.block_size} positions")
 assert (tok.image_id, tok.eoc_id) == (model.media_token_id, model.eoc_token_id)
 mean, std = model.vision.mean, model.vision.std
 
-# the data: sources, each (name, loss weight, training rows, validation rows or None, rows per micro-step). The
-# shapes world is one source; folders and tar shards are one each, and every optimizer step takes a batch from
-# each and adds their losses with their weights, as OpenFlamingo mixes LAION and MMC4. A folder's validation rows
-# come from its val.jsonl, else test.jsonl (for watching the loss only: with always_save_checkpoint=False it also
-# picks the checkpoint kept); shards have none.
+# the data: sources. The shapes world is one source; folders and tar shards are one each, and every optimizer step
+# takes a batch from each and adds their losses with their weights, as OpenFlamingo mixes LAION and MMC4. A
+# folder's validation rows come from its val.jsonl, else test.jsonl (for watching the loss only: with
+# always_save_checkpoint=False it also picks the checkpoint kept); shards have none. train and val are "shapes",
+# a data.FolderData or a data.ShardStream (train only); batch_size is the source's rows per micro-step.
+Source = namedtuple("Source", "name weight train val batch_size")
 if dataset == "shapes":
-    sources = [("shapes", 1.0, "shapes", "shapes", batch_size)]
+    sources = [Source("shapes", 1.0, "shapes", "shapes", batch_size)]
 else:
     say = print if master else (lambda msg: None)  # noqa: E731
     size = model.vision.image_size
@@ -257,7 +261,7 @@ else:
     sources = []
     for i, (folder, weight, bs) in enumerate(zip(folders, weights, sizes)):
         if folder == "shapes":  # the shapes world as one source of the mix: fine-tuning that keeps what it knew
-            sources.append(("shapes", weight, "shapes", "shapes", bs))
+            sources.append(Source("shapes", weight, "shapes", "shapes", bs))
             continue
         if folder.startswith(("pairs:", "docs:")):  # tar shards: a stream per rank (data.ShardStream)
             kind, pattern = folder.split(":", 1)
@@ -267,7 +271,7 @@ else:
             except ValueError as e:
                 sys.exit(f"data_dir {folder!r}: {e}")
             stream.skip(iter_num * gradient_accumulation_steps * bs)  # a resumed run: what was already trained on
-            sources.append((folder, weight, stream, None, bs))
+            sources.append(Source(folder, weight, stream, None, bs))
             continue
         val_split = next((s for s in ("val", "test") if os.path.isfile(os.path.join(folder, f"{s}.jsonl"))), None)
         try:  # a folder with nothing usable stops the run here, with the reason, not after hours of training
@@ -277,10 +281,10 @@ else:
             sys.exit(f"dataset folder {folder!r}: {e}")
         say(f"{folder}: train {rows[0].summary()}; validation: {rows[1].summary() if rows[1] else 'none'}"
             f"{f' ({val_split}.jsonl)' if rows[1] else ''}; loss weight {weight}")
-        sources.append((folder, weight, *rows, bs))
+        sources.append(Source(folder, weight, *rows, bs))
     # The frozen tower's output for every folder image, computed once (by the master, before any sharding) and
     # kept in out_dir as a memmap: later epochs, and resumed runs, skip the tower (README, "Speed").
-    folder_rows = [rows for src in sources for rows in src[2:4] if isinstance(rows, data.FolderData)]
+    folder_rows = [rows for src in sources for rows in (src.train, src.val) if isinstance(rows, data.FolderData)]
     if cache_vision_features and folder_rows:
         if not model.config.freeze_vision:
             sys.exit("cache_vision_features needs a frozen vision tower (freeze_vision=True)")
@@ -383,20 +387,20 @@ def estimate_loss():
     same number whatever world_size. The unwrapped module: ranks may run different numbers of batches.
     Several sources: the sum of their losses with their weights, as in training. None: no validation data.
     FSDP: every process runs every batch (each forward gathers weights from all of them)."""
-    val = [(w, rows, bs) for _, w, _, rows, bs in sources if rows is not None]
+    val = [src for src in sources if src.val is not None]
     if not val:
         return None
     model.eval()
     losses = torch.zeros(len(val), eval_iters, device=device)
-    for s, (_, rows, bs) in enumerate(val):
+    for s, src in enumerate(val):
         for k in range(0 if fsdp else rank, eval_iters, 1 if fsdp else world_size):
-            images, idx, targets = get_batch(rows, "val", k, 0, 1, 0, 1, bs)
+            images, idx, targets = get_batch(src.val, "val", k, 0, 1, 0, 1, src.batch_size)
             with autocast:
                 losses[s, k] = loss_of(model.module if isinstance(model, DDP) else model, images, idx, targets)
     if ddp and not fsdp:
         dist.all_reduce(losses)  # each batch's loss is on one process, zeros elsewhere
     model.train()
-    return sum(w * loss for (w, _, _), loss in zip(val, losses.mean(1).tolist()))
+    return sum(src.weight * loss for src, loss in zip(val, losses.mean(1).tolist()))
 
 
 def get_lr(it):
@@ -464,8 +468,8 @@ while True:
     # one optimizer step over gradient_accumulation_steps micro-batches, each a batch of every source
     loss_sum = torch.zeros(len(sources), device=device)  # each source's loss, times its weight
     for micro_step in range(gradient_accumulation_steps):
-        for s, (_, weight, rows, _, bs) in enumerate(sources):
-            images, idx, targets = get_batch(rows, "train", iter_num, micro_step, bs=bs)
+        for s, src in enumerate(sources):
+            images, idx, targets = get_batch(src.train, "train", iter_num, micro_step, bs=src.batch_size)
             last = micro_step == gradient_accumulation_steps - 1 and s == len(sources) - 1
             if fsdp:  # reduce-scatter the gradients on the last backward pass of the step only
                 raw_model.set_requires_gradient_sync(last)
@@ -473,8 +477,8 @@ while True:
                 model.require_backward_grad_sync = last
             with autocast:
                 loss = loss_of(model, images, idx, targets)
-            (weight * loss / gradient_accumulation_steps).backward()
-            loss_sum[s] += weight * loss.detach()
+            (src.weight * loss / gradient_accumulation_steps).backward()
+            loss_sum[s] += src.weight * loss.detach()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
@@ -487,7 +491,7 @@ while True:
             dist.all_reduce(loss_avg)  # SUM: gloo has AVG only since torch 2.8
             loss_avg /= world_size     # the loss of the whole global batch
         dt, t0 = time.time() - t0, time.time()
-        sps = log_interval * sum(src[4] for src in sources) * gradient_accumulation_steps * world_size / dt  # rows
+        sps = log_interval * sum(src.batch_size for src in sources) * gradient_accumulation_steps * world_size / dt  # rows
         g = gates()
         if master:
             loss_total = loss_avg.sum().item()
@@ -495,14 +499,14 @@ while True:
                   f"mean |tanh gate| {sum(abs(v) for v in g.values()) / len(g):.3f}")
             record = {"iter": iter_num, "loss": loss_total, "lr": lr, "samples_per_s": sps, "gates": g}
             if len(sources) > 1:  # each source's weighted loss: is the mix keeping what the model knew?
-                record["source_losses"] = {src[0]: v for src, v in zip(sources, loss_avg.tolist())}
+                record["source_losses"] = {src.name: v for src, v in zip(sources, loss_avg.tolist())}
             log(record)
             if wandb_log:
                 wandb.log({"iter": iter_num, "train/loss": loss_total, "lr": lr, **g})
 
-for name, _, rows, _, _ in sources:
-    if master and isinstance(rows, data.FolderData) and rows.skipped:
-        print(f"{name}: {rows.summary()}")
+for src in sources:
+    if master and isinstance(src.train, data.FolderData) and src.train.skipped:
+        print(f"{src.name}: {src.train.summary()}")
 if ddp:  # a clean exit: a process group torn down at interpreter exit (still held by DDP's reducer or FSDP's
     # units, or left while the master still wrote its checkpoint) can abort the process after a good run
     dist.barrier()

@@ -1,15 +1,13 @@
 """`python data.py coco` (data.coco_folder) against a local HTTP server on 127.0.0.1 serving fixture files: Karpathy's
 split file in its zip and a few images, one transfer broken off (it resumes), one image missing and one corrupt
-(counted skips); the folder it writes reads back and trains; a second run fetches nothing again; offline, a
+(counted skips); the folder it writes reads back and trains; a second run fetches only what failed; offline, a
 message within seconds and no traceback."""
 
-import http.server
 import io
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 
@@ -18,6 +16,7 @@ import pytest
 from PIL import Image
 
 import data
+from test_data import serve_files
 from test_train import ENV, ROOT
 
 SPLITS = ["train", "train", "restval", "train", "val", "test", "test", "train"]  # image i's Karpathy split
@@ -49,34 +48,11 @@ def fixture_files():
 
 @pytest.fixture
 def server():
-    files, seen = fixture_files(), []
+    files = fixture_files()
     cut = "/train2014/COCO_train2014_000000000001.jpg"  # its first response breaks off half-way
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            seen.append((self.path, self.headers.get("Range")))
-            if self.path not in files:
-                self.send_error(404)
-                return
-            rng = self.headers.get("Range")
-            body = files[self.path][int(rng.split("=")[1].split("-")[0]) if rng else 0:]
-            self.send_response(206 if rng else 200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.path == cut and sum(p == cut for p, _ in seen) == 1:
-                self.wfile.write(body[:len(body) // 2])
-                self.wfile.flush()
-                self.connection.shutdown(2)
-                return
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_port}", seen, files
-    srv.shutdown()
+    base, seen, stop = serve_files(files, cut, len(files[cut]) // 2)
+    yield base, seen, files
+    stop()
 
 
 def test_coco_folder_from_a_local_server(server, tmp_path):

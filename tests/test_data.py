@@ -284,9 +284,10 @@ def test_shapes_tokenizer_words_and_markup():
 # -----------------------------------------------------------------------------
 # data.download against a local HTTP server: resume, atomicity, verification, a clear error when unreachable
 
-def serve(payload, cut_first_at=None):
-    """A server on 127.0.0.1 for one file that honours Range requests; the first response can break off early.
-    Returns (url, requests seen as a list of Range headers, shutdown)."""
+def serve_files(files, cut=None, cut_at=None):
+    """A server on 127.0.0.1 for {path: bytes} that honours Range requests (404 for other paths); its first
+    response for path `cut` breaks off after cut_at bytes. Returns (base url, requests seen as a list of
+    (path, Range header), shutdown)."""
     import http.server
     import threading
     seen = []
@@ -294,14 +295,17 @@ def serve(payload, cut_first_at=None):
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             rng = self.headers.get("Range")
-            seen.append(rng)
+            seen.append((self.path, rng))
+            if self.path not in files:
+                self.send_error(404)
+                return
             start = int(rng.split("=")[1].split("-")[0]) if rng else 0
-            body = payload[start:]
+            body = files[self.path][start:]
             self.send_response(206 if rng else 200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            if cut_first_at is not None and len(seen) == 1:
-                self.wfile.write(body[:cut_first_at])  # then the connection drops
+            if self.path == cut and sum(p == cut for p, _ in seen) == 1:
+                self.wfile.write(body[:cut_at])  # then the connection drops
                 self.wfile.flush()
                 self.connection.shutdown(2)
                 return
@@ -312,7 +316,13 @@ def serve(payload, cut_first_at=None):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_port}/file.bin", seen, server.shutdown
+    return f"http://127.0.0.1:{server.server_port}", seen, server.shutdown
+
+
+def serve(payload, cut_first_at=None):
+    """One file at /file.bin (serve_files) -> (its url, requests seen, shutdown)."""
+    base, seen, stop = serve_files({"/file.bin": payload}, None if cut_first_at is None else "/file.bin", cut_first_at)
+    return f"{base}/file.bin", seen, stop
 
 
 def test_download_resumes_an_interrupted_transfer(tmp_path):
@@ -323,8 +333,8 @@ def test_download_resumes_an_interrupted_transfer(tmp_path):
         path = str(tmp_path / "sub" / "file.bin")
         data.download(url, path, size=len(payload), sha256=hashlib.sha256(payload).hexdigest(), retries=3)
         assert open(path, "rb").read() == payload and not os.path.exists(path + ".part")
-        assert seen[0] is None and len(seen) == 2  # the retry asked only for the rest, from what had arrived
-        assert 0 < int(seen[1][len("bytes="):-1]) <= 300_000
+        assert seen[0][1] is None and len(seen) == 2  # the retry asked only for the rest, from what had arrived
+        assert 0 < int(seen[1][1][len("bytes="):-1]) <= 300_000
         data.download(url, path, size=len(payload))  # already there: no request
         assert len(seen) == 2
     finally:

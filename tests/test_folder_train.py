@@ -122,6 +122,10 @@ def test_an_image_gone_at_batch_time_drops_its_example(tmp_path, tok):
     ids, images = fd.row(0)  # all four fit in one row: three are left
     assert len(images) == ids.count(tok.image_id) == 3 and fd.skipped["image unreadable at batch time"] == 1
     assert "2.png" in logged[-1]
+    for i in (0, 1, 3):
+        os.remove(tmp_path / f"{i}.png")
+    with pytest.raises(RuntimeError, match="no image could be read"):  # a clear error, not a NaN loss
+        fd.row(0, tries=5)
 
 
 # -----------------------------------------------------------------------------

@@ -140,6 +140,13 @@ def test_fsdp_equals_gradient_accumulation_and_resumes(assets, reference, tmp_pa
     torch.testing.assert_close(torch.tensor(list(got.values())), torch.tensor(list(want.values())), rtol=1e-4, atol=0)
 
 
+def test_rows_longer_than_the_lms_positions_stop_at_the_start(assets, tmp_path):
+    cmd = [sys.executable, "train.py", f"--out_dir={tmp_path}", *SMALL, *assets, "--block_size=600"]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "block_size 600 is longer than the LM's 512 positions" in p.stderr
+
+
 def test_resume_is_the_uninterrupted_run(assets, reference, tmp_path):
     """Stop at the checkpoint of iteration 4, resume to 8: the same losses, weights and optimizer, exactly."""
     ref_dir, ref = reference
