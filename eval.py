@@ -509,7 +509,7 @@ def run_trial(model, tok, kind, train, test, k, seed, rices_feats=None):
         else:
             demos = [train[j] for j in rng.choice(pool, shots_used, replace=False)]
         ids, paths = build_prompt(kind, tok, demos, query, zero_shot=k == 0)
-        if model.lm.config.arch == "gpt2" and len(ids) + max_new > model.lm.config.block_size:
+        if model.lm.config.max_context and len(ids) + max_new > model.lm.config.max_context:
             skipped["prompt longer than the LM's context"] += 1
             continue
         try:

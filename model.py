@@ -43,7 +43,7 @@ class LMConfig:
     n_embd: int = 768
     head_dim: int | None = None   # None = n_embd // n_head
     n_inner: int | None = None    # MLP hidden width; None = 4 * n_embd
-    block_size: int = 1024        # learned positions (gpt2); for llama only a documented limit
+    block_size: int = 1024        # learned positions (gpt2); MPT's max_seq_len; for llama only a documented limit
     bias: bool = True             # biases in every Linear and LayerNorm (gpt2)
     qkv_bias: bool | None = None  # bias on q/k/v only (Qwen2); None = same as bias
     norm_eps: float = 1e-5
@@ -56,6 +56,13 @@ class LMConfig:
     def __post_init__(self):
         assert self.arch in ("gpt2", "llama", "mpt"), f"unknown arch {self.arch!r}"
         # derived values are properties (below), never stored, so an override can't leave them stale
+
+    @property
+    def max_context(self):
+        """The longest input this LM takes, or None: GPT-2's learned positions end at block_size, and MosaicML's
+        MPT code (which OpenFlamingo's models ran) refuses more than max_seq_len tokens, though ALiBi itself
+        would run on. RoPE (llama) has no hard end."""
+        return self.block_size if self.arch in ("gpt2", "mpt") else None
 
     @property
     def kv_heads(self):

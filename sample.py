@@ -97,11 +97,11 @@ import open_clip  # noqa: E402
 preprocess = open_clip.image_transform(model.vision.image_size, is_train=False, mean=model.vision.mean, std=model.vision.std)
 images = torch.stack([preprocess(im) for im in pil_images])[:, None].to(device)  # (N, 1, 3, H, W)
 idx = torch.tensor([tok.encode_markup(prompt)], device=device)  # (1, T)
-room = model.lm.config.block_size - idx.shape[1]  # learned positions (GPT-2) end at block_size
-if model.lm.config.arch == "gpt2" and room <= 0:
-    fail(f"the prompt is {idx.shape[1]} tokens; this LM reads at most {model.lm.config.block_size}")
-if model.lm.config.arch == "gpt2":
-    max_new_tokens = min(max_new_tokens, room)
+limit = model.lm.config.max_context  # GPT-2's learned positions, MPT's max_seq_len; None: no hard end
+if limit and idx.shape[1] >= limit:
+    fail(f"the prompt is {idx.shape[1]} tokens; this LM reads at most {limit}")
+if limit:
+    max_new_tokens = min(max_new_tokens, limit - idx.shape[1])
 
 new_ids, printed = [], ""
 

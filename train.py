@@ -241,8 +241,8 @@ for p in model.parameters():  # what is trained stays in fp32, whatever the LM's
 model.to(device)
 model.activation_checkpointing = activation_checkpointing
 tok = data.get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
-if model.lm.config.arch == "gpt2" and block_size > model.lm.config.block_size:  # learned positions: a hard limit
-    sys.exit(f"block_size {block_size} is longer than the LM's {model.lm.config.block_size} positions")
+if model.lm.config.max_context and block_size > model.lm.config.max_context:  # GPT-2's positions, MPT's max_seq_len
+    sys.exit(f"block_size {block_size} is longer than the LM's {model.lm.config.max_context} positions")
 assert (tok.image_id, tok.eoc_id) == (model.media_token_id, model.eoc_token_id)
 mean, std = model.vision.mean, model.vision.std
 

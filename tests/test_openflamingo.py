@@ -157,6 +157,10 @@ def test_sample_py_runs_an_openflamingo_checkpoint(tmp_path, mpt_dir):
             "--image", "cat.png", "--max_new_tokens=5")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()  # five tokens of a random model: something was printed
+    # MPT's max_seq_len (128 here, 2048 for the released models) is a hard end, as in MosaicML's code
+    r = run(f"--init_from={tmp_path / 'checkpoint.pt'}", f"--lm={lm}", "--clip=flamingo-tiny", "--clip_pretrained=None",
+            "--image", "cat.png", "--prompt", "<image>" + " the cat" * 200)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "this LM reads at most 128" in r.stderr
     r = run("--init_from=openflamingo/OpenFlamingo-9B-vitl-mpt7b", "--image", "cat.png")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "huggingface-cli download openflamingo/OpenFlamingo-9B-vitl-mpt7b" in r.stderr
