@@ -1299,7 +1299,7 @@ class ShardStream:
                                     log=log, **reader_opts)
         split_shards(paths, rank, world_size, 0, max(1, num_workers))  # too few shards: an error now, not mid-run
         self.shuffle, self.rng = shuffle, np.random.default_rng([seed, rank])
-        self.epoch, self.rows_done, self.stream = 0, 0, self.rows()
+        self.stream = self.rows()
 
     def shuffled(self):
         """The samples through the shuffle buffer: a full buffer gives out a random one of its samples."""
@@ -1319,7 +1319,6 @@ class ShardStream:
                 yield sample
             if n == 0:
                 raise ValueError(f"{self.dataset.kind} shards: an epoch gave no usable sample (see the log above)")
-            self.epoch += 1
 
     def rows(self):
         ids, images = [], []
@@ -1333,11 +1332,9 @@ class ShardStream:
         """Consume n rows (a resumed run: the rows its first run had trained on)."""
         for _ in range(n):
             next(self.stream)
-        self.rows_done += n
 
     def get_batch(self, batch_size, mean=CLIP_MEAN, std=CLIP_STD):
         """The next batch_size rows, (images, idx, targets) as collate() returns them."""
-        self.rows_done += batch_size
         return collate([next(self.stream) for _ in range(batch_size)], self.tok, self.block_size, mean, std)
 
 

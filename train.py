@@ -123,6 +123,11 @@ flamingo_options = dict(
     only_attend_immediate_media=only_attend_immediate_media, freeze_lm=freeze_lm, freeze_vision=freeze_vision,
     vision_ln_post=vision_ln_post, vision_stage=vision_stage, train_lm_layers=train_lm_layers)
 finetune = init_from not in ("scratch", "resume")
+listed = lambda v, cast: [cast(x) for x in (  # noqa: E731  "a,b" (command line), a tuple (config file) or one value
+    v.split(",") if isinstance(v, str) else v if isinstance(v, (list, tuple)) else [v])]
+folders = listed(data_dir or [], str) if dataset == "folder" else []
+weights = listed(data_weights, float) if data_weights is not None else [1.0] * len(folders)
+sizes = listed(data_batch_sizes, int) if data_batch_sizes is not None else [batch_size] * len(folders)
 # -----------------------------------------------------------------------------
 # --dry_run=True: the model built on the meta device (no weights read or allocated), its sizes and an estimate of
 # the memory per GPU of this run; then exit, before any data, optimizer or training.
@@ -160,8 +165,7 @@ if dry_run:
     # images per row), the frozen vision encoder (no gradients), CUDA's own overhead.
     b = 4 if dtype == "float32" else 2
     ws = dry_run_world_size if fsdp else 1
-    rows = max(data_batch_sizes or (batch_size,)) if not isinstance(data_batch_sizes, str) else \
-        max(int(b) for b in data_batch_sizes.split(","))  # a mix runs its sources one after the other: the largest
+    rows = max(sizes or [batch_size])  # a mix runs its sources one after the other: the largest batch counts
     BT, C, L = rows * block_size, lm_config.n_embd, lm_config.n_layer
     weights_gb = (frozen * b + trained * 16) / ws / 1e9
     values = L + 32 if activation_checkpointing else 16 * (L + len(model.xattn))  # (BT, C) values per token
@@ -177,11 +181,6 @@ if fsdp and int(os.environ.get("RANK", -1)) == -1:
 if dataset not in ("shapes", "folder"):
     raise NotImplementedError(f"dataset {dataset!r}: train.py reads the shapes world and folders so far")
 if dataset == "folder":
-    folders = data_dir.split(",") if isinstance(data_dir, str) else list(data_dir or [])
-    weights = [1.0] * len(folders) if data_weights is None else [float(w) for w in (
-        data_weights.split(",") if isinstance(data_weights, str) else data_weights)]
-    sizes = [batch_size] * len(folders) if data_batch_sizes is None else [int(b) for b in (
-        data_batch_sizes.split(",") if isinstance(data_batch_sizes, str) else data_batch_sizes)]
     if not folders or len(weights) != len(folders) or len(sizes) != len(folders):
         raise ValueError(f"dataset 'folder' needs data_dir (a folder, or several 'a,b') and one weight and batch size "
                          f"per source: got data_dir={data_dir!r}, data_weights={data_weights!r}, "

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import data
-from test_data import serve_files
+from test_data import free_port, serve_files
 from test_train import ENV, ROOT
 
 SPLITS = ["train", "train", "restval", "train", "val", "test", "test", "train"]  # image i's Karpathy split
@@ -86,11 +86,7 @@ def test_coco_folder_from_a_local_server(server, tmp_path):
 
 
 def test_coco_offline_fails_fast_and_clearly(tmp_path):
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
+    port = free_port()
     t0 = time.time()
     p = subprocess.run([sys.executable, "data.py", "coco", f"--data_dir={tmp_path}",
                         f"--karpathy_url=http://127.0.0.1:{port}/caption_datasets.zip"],

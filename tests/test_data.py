@@ -353,13 +353,19 @@ def test_download_never_leaves_a_partial_file_under_the_real_name(tmp_path):
         stop()
 
 
-def test_download_unreachable_fails_fast_and_clearly(tmp_path):
+def free_port():
+    """A local port that nothing listens on: a download from it fails at once, as offline."""
     import socket
-    import time
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
+    return port
+
+
+def test_download_unreachable_fails_fast_and_clearly(tmp_path):
+    import time
+    port = free_port()
     t0 = time.time()
     with pytest.raises(data.DownloadError, match=f"127.0.0.1:{port}.*3 tries"):
         data.download(f"http://127.0.0.1:{port}/x.zip", str(tmp_path / "x.zip"))

@@ -132,12 +132,17 @@ def test_fsdp_equals_gradient_accumulation_and_resumes(assets, reference, tmp_pa
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert all(type(v) is torch.Tensor for v in ckpt["model"].values())
     model, _ = model_module.Flamingo.from_checkpoint(out, verbose=False)  # rebuilds without FSDP
-    # resume to 8 under FSDP: the reference's losses; without FSDP it is refused by name
+    # resume to 8 under FSDP: the reference's losses, and at 8 the reference's weights (to float rounding)
     log = run_train(out, *SMALL, *assets, "--gradient_accumulation_steps=1", "--max_iters=8", "--fsdp=True",
                     "--init_from=resume", nproc=2)
     got, want = train_losses(log), train_losses(ref)
     assert list(got) == list(want)
     torch.testing.assert_close(torch.tensor(list(got.values())), torch.tensor(list(want.values())), rtol=1e-4, atol=0)
+    mine = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    theirs = torch.load(os.path.join(ref_dir, "ckpt.pt"), weights_only=True)
+    assert mine["iter_num"] == theirs["iter_num"] == 8 and mine["model"].keys() == theirs["model"].keys()
+    for k, v in theirs["model"].items():
+        torch.testing.assert_close(mine["model"][k], v, rtol=1e-3, atol=1e-5)
 
 
 def test_rows_longer_than_the_lms_positions_stop_at_the_start(assets, tmp_path):
