@@ -746,14 +746,21 @@ def folder_image(folder, name, check=False):
     path = os.path.join(os.path.abspath(folder), os.path.normpath(name))
     if not os.path.isfile(path):
         raise ValueError(f"image {name!r} not found")
-    if check:
-        from PIL import Image
-        try:
-            with Image.open(path) as im:
-                im.load()  # decodes the whole file: a truncated or broken one fails here, not mid-run
-        except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError, ...
-            raise ValueError(f"image {name!r} cannot be decoded ({type(e).__name__})") from None
+    why = check and decode_error(path)
+    if why:
+        raise ValueError(f"image {name!r} {why}")
     return path
+
+
+def decode_error(path):
+    """None when the image file at `path` decodes, else why not ("cannot be decoded (OSError)")."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes the whole file: a truncated or broken one fails here, not mid-run
+    except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError, ...
+        return f"cannot be decoded ({type(e).__name__})"
+    return None
 
 
 def texts(value, field):
@@ -983,6 +990,17 @@ class FolderData:
         return collate([self.row(i) for i in indices], self.tok, self.block_size, mean, std,
                        stack=None if self.features is None else self.features.lookup)
 
+    def drop_images(self, bad):
+        """Drop the examples that use an image of `bad` ({path: why}), counted and logged. Under DDP each rank
+        decodes a share of the images (check_images=False here) and all drop what any rank found (train.py)."""
+        keep = [options for options in self.units if not any(p in bad for _, paths in options for p in paths)]
+        for p in sorted({p for options in self.units for _, paths in options for p in paths if p in bad}):
+            self.log(f"{p}: skipped: {bad[p]}")
+        self.skipped["image cannot be decoded"] += len(self.units) - len(keep)
+        if not keep:
+            raise ValueError("no example with an image that can be decoded")
+        self.units = keep
+
     def image_paths(self):
         return sorted({p for options in self.units for _, paths in options for p in paths})
 
@@ -990,6 +1008,15 @@ class FolderData:
         """'420 examples; skipped: 2 longer than block_size' (the lines read_folder skipped are logged there)."""
         skips = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()) if n) or "nothing"
         return f"{len(self.units)} examples; skipped: {skips}"
+
+
+def undecodable(readers, rank=0, world_size=1, progress=False):
+    """{path: why} for the images of FolderData `readers` (None skipped) that this rank checks: every
+    world_size-th of them, sorted, from the rank-th on."""
+    from tqdm import tqdm
+    paths = sorted({p for r in readers if r for p in r.image_paths()})[rank::world_size]
+    return {p: why for p in tqdm(paths, "checking images", disable=not progress or len(paths) < 500)
+            if (why := decode_error(p))}
 
 
 class FeatureCache:

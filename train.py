@@ -274,8 +274,13 @@ else:
             continue
         val_split = next((s for s in ("val", "test") if os.path.isfile(os.path.join(folder, f"{s}.jsonl"))), None)
         try:  # a folder with nothing usable stops the run here, with the reason, not after hours of training
-            rows = [data.FolderData(folder, split, tok, block_size, size, data_seed + i, log=say) if split else None
-                    for split in ("train", val_split)]
+            rows = [data.FolderData(folder, split, tok, block_size, size, data_seed + i, say, check_images=not ddp)
+                    if split else None for split in ("train", val_split)]
+            if ddp:  # each rank decodes a share of the images, and all drop what any rank could not decode
+                found = [None] * world_size
+                dist.all_gather_object(found, data.undecodable(rows, rank, world_size, progress=master))
+                for r in filter(None, rows):
+                    r.drop_images({p: why for d in found for p, why in d.items()})
         except (OSError, ValueError) as e:
             sys.exit(f"dataset folder {folder!r}: {e}")
         say(f"{folder}: train {rows[0].summary()}; validation: {rows[1].summary() if rows[1] else 'none'}"

@@ -229,10 +229,19 @@ def test_cached_vision_features_train_the_same(setup):
 
 
 def test_folder_rows_do_not_depend_on_the_number_of_processes(setup, tmp_path):
-    """2 DDP processes x accumulation 1 follow 1 process x accumulation 2 on a folder: the same rows each step."""
+    """2 DDP processes x accumulation 1 follow 1 process x accumulation 2 on a folder: the same rows each step,
+    also when an image cannot be decoded (under DDP each rank checks half of the images; all drop the bad one)."""
+    import shutil
     root, assets, a, _ = setup
-    one = run_train(str(tmp_path / "one"), *SMALL, *assets, *FOLDER, f"--data_dir={a}", "--gradient_accumulation_steps=2")
-    two = run_train(str(tmp_path / "two"), *SMALL, *assets, *FOLDER, f"--data_dir={a}", nproc=2)
-    got, want = [r["loss"] for r in two if "loss" in r], [r["loss"] for r in one if "loss" in r]
+    a = shutil.copytree(a, tmp_path / "a")
+    bad = json.loads(open(a / "train.jsonl").readline())["image"]
+    (a / bad).write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    logs = {n: run_train(str(tmp_path / str(n)), *SMALL, *assets, *FOLDER, f"--data_dir={a}",
+                         f"--gradient_accumulation_steps={3 - n}", nproc=n) for n in (1, 2)}
+    got, want = ([r["loss"] for r in logs[n] if "loss" in r] for n in (2, 1))
     assert len(got) == len(want) == 3
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=0)
+    for n in (1, 2):
+        printed = open(tmp_path / str(n) / "stdout.txt").read()
+        assert f"{bad}' cannot be decoded" in printed or f"{bad}: skipped: cannot be decoded" in printed, printed
+        assert "train 23 examples" in printed, printed

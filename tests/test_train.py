@@ -60,6 +60,8 @@ def run_train(out_dir, *args, nproc=1):
     cmd = launcher + ["train.py", f"--out_dir={out_dir}", *args]
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    with open(os.path.join(out_dir, "stdout.txt"), "w") as f:  # for tests that read what it printed
+        f.write(p.stdout)
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
 
