@@ -3,7 +3,7 @@ Stage 1 of the shapes world: the stand-ins for the pretrained models that a real
 
 Flamingo never trains its vision encoder or its LM: it takes a contrastively pretrained image encoder
 and a pretrained LM and freezes both (paper section 3). Offline there is nothing to download, so this
-file makes the two in about two and a half minutes on a 2-core CPU (600 LM steps, 500 vision steps),
+file makes the two in about two minutes on a 2-core CPU (600 LM steps, 500 vision steps),
 then train.py freezes them exactly as it would a real CLIP and GPT-2:
 
 1. the LM: a small GPT-2 (the "shapes" BPE tokenizer of data.py) trained on the *text* of shapes sequences,
