@@ -83,7 +83,7 @@ def pretrain_lm(out, tokenizer="shapes", iters=600, batch_size=16, block_size=25
     # it. In shapes text it never does (no answer can be told from the words alone), and the tiny LM's state
     # there was almost all ":" (a noun moved it by 1% of its norm), so stage 2 could not learn which object a
     # question names. So the LM's state after each layer but the last, read through its own final norm and
-    # head (a "logit lens"), must also name the question's color and shape words there. README, "The shapes run".
+    # head (a "logit lens"), must also name the question's color and shape words there. README, "The shapes world".
     hidden = {}
     hooks = [block.register_forward_hook(lambda m, args, x, i=i: hidden.__setitem__(i, x))
              for i, block in enumerate(lm.transformer.h[:-1])]
@@ -110,7 +110,7 @@ def pretrain_lm(out, tokenizer="shapes", iters=600, batch_size=16, block_size=25
         _, loss = lm(idx, targets)
         aux = torch.zeros(())
         found = question_words(rows, tok) if question_loss else []
-        if found:
+        if found and hidden:  # (a 1-layer LM has no layer but the last)
             qb, qt, qw = (torch.tensor(v) for v in zip(*found))
             aux = sum(F.cross_entropy(lm.lm_head(lm.transformer.ln_f(h[qb, qt])), qw) for h in hidden.values())
             aux = aux / len(hidden)

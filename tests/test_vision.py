@@ -97,3 +97,27 @@ def test_pretrained_lm_embeddings_start_large(tmp_path, monkeypatch):
     assert abs(seen["wte"].std().item() - 0.5) < 0.02  # nanoGPT's init would give 0.02
     again = LM.from_pretrained(str(tmp_path / "lm"))
     assert torch.equal(again.transformer.wte.weight, lm.transformer.wte.weight)
+
+
+def test_question_words_name_what_each_question_asks():
+    """Stage 1's second loss: at the ":" of each "Short answer:", the color and shape words of that question only."""
+    import data
+    tok = data.get_tokenizer("shapes")
+    text = ("<image>Output:a large red circle at the top.<|endofchunk|><image>Question:is there a green square? "
+            "Short answer:no<|endofchunk|><image>Question:how many objects are there? Short answer:2<|endofchunk|>"
+            "<image>Question:what color is the cross? Short answer:blue<|endofchunk|>")
+    rows = [tok.encode_markup(pretrain_shapes.lm_text(text))]
+    found = pretrain_shapes.question_words(rows, tok)
+    got = [(tok.decode(rows[0][t - 2:t + 1]), tok.decode([w])) for _, t, w in found]
+    assert sorted(got) == sorted([(" Short answer:", " green"), (" Short answer:", " square"),
+                                  (" Short answer:", " cross")])
+    assert pretrain_shapes.question_words(rows, data.get_tokenizer("bytes")) == []  # words are not single tokens
+
+
+def test_stage_one_lm_learns_the_question_words(tmp_path):
+    """A few steps of stage 1 with the shapes tokenizer: both losses fall."""
+    logged = []
+    pretrain_shapes.pretrain_lm(str(tmp_path / "lm"), "shapes", iters=20, batch_size=4, block_size=128,
+                                n_layer=2, n_embd=32, n_head=2, log=logged.append)
+    first, last = (tuple(float(x) for x in (m.split()[4], m.split()[7])) for m in (logged[0], logged[-1]))
+    assert last[0] < first[0] and 0 < last[1] < first[1], logged
