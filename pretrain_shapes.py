@@ -20,6 +20,7 @@ then train.py freezes them exactly as it would a real CLIP and GPT-2:
     python pretrain_shapes.py --out_dir=out-shapes/pretrained
 """
 
+import json
 import os
 import time
 
@@ -35,6 +36,7 @@ from model import LM, LMConfig, VisionEncoder, save_pretrained
 # 1. The language model
 
 QUESTION_LOSS = 3.0  # weight of the second loss (below)
+LM_RECIPE = 2  # stage 1's recipe for the LM, kept next to it: 2 = the question-words loss and image markers
 
 
 def lm_text(text):
@@ -111,8 +113,9 @@ def pretrain_lm(out, tokenizer="shapes", iters=600, batch_size=16, block_size=25
         aux = torch.zeros(())
         found = question_words(rows, tok) if question_loss else []
         if found and hidden:  # (a 1-layer LM has no layer but the last)
-            qb, qt, qw = (torch.tensor(v) for v in zip(*found))
-            aux = sum(F.cross_entropy(lm.lm_head(lm.transformer.ln_f(h[qb, qt])), qw) for h in hidden.values())
+            qb, qt, qw = (torch.tensor(v) for v in zip(*found))  # (n,) each: row, position of ":", word id
+            aux = sum(F.cross_entropy(lm.lm_head(lm.transformer.ln_f(h[qb, qt])), qw)  # h[qb, qt] (n, C) -> (n, V)
+                      for h in hidden.values())
             aux = aux / len(hidden)
         opt.zero_grad(set_to_none=True)
         (loss + question_loss * aux).backward()
@@ -123,6 +126,8 @@ def pretrain_lm(out, tokenizer="shapes", iters=600, batch_size=16, block_size=25
     for hook in hooks:
         hook.remove()
     save_pretrained(lm, out)
+    with open(os.path.join(out, "stage1.json"), "w") as f:
+        json.dump({"recipe": LM_RECIPE}, f)
     return lm
 
 
@@ -202,9 +207,17 @@ def pretrain_vision(out, clip="shapes-rn", stage=2, iters=500, batch_size=64, lr
 
 def pretrain(lm_dir, vision_file, tokenizer="shapes", lm_iters=600, vision_iters=500, seed=0, clip="shapes-rn",
              vision_stage=2, log=print):
-    """Both stand-ins, into lm_dir and vision_file, skipping any already there."""
+    """Both stand-ins, into lm_dir and vision_file, skipping any already there. A stand-in LM that an older
+    recipe made (stage1.json missing or another LM_RECIPE) stops the run with what to do: reused, it would
+    quietly give a worse model."""
     os.makedirs(os.path.dirname(os.path.abspath(vision_file)), exist_ok=True)
-    if not os.path.exists(os.path.join(lm_dir, "model.safetensors")):
+    if os.path.exists(os.path.join(lm_dir, "model.safetensors")):
+        tag = os.path.join(lm_dir, "stage1.json")
+        recipe = json.load(open(tag)).get("recipe") if os.path.exists(tag) else 1
+        if recipe != LM_RECIPE:
+            raise SystemExit(f"{lm_dir} holds a stand-in LM from an older stage-1 recipe ({recipe}, now {LM_RECIPE}): "
+                             f"delete {os.path.dirname(os.path.abspath(vision_file))} and run again to remake it")
+    else:
         pretrain_lm(lm_dir, tokenizer, iters=lm_iters, seed=seed, log=log)
     if not os.path.exists(vision_file):
         pretrain_vision(vision_file, clip, vision_stage, iters=vision_iters, seed=seed, log=log)

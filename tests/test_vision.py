@@ -121,3 +121,16 @@ def test_stage_one_lm_learns_the_question_words(tmp_path):
                                 n_layer=2, n_embd=32, n_head=2, log=logged.append)
     first, last = (tuple(float(x) for x in (m.split()[4], m.split()[7])) for m in (logged[0], logged[-1]))
     assert last[0] < first[0] and 0 < last[1] < first[1], logged
+
+
+def test_a_stand_in_lm_from_an_older_recipe_is_refused(tmp_path):
+    """Stage 1 skips stand-ins already there, but not an LM an older recipe made (no stage1.json): a clear stop."""
+    import json
+    lm_dir, vision = tmp_path / "lm", tmp_path / "vision.safetensors"
+    lm_dir.mkdir()
+    (lm_dir / "model.safetensors").write_bytes(b"old")
+    vision.write_bytes(b"old")
+    with pytest.raises(SystemExit, match="older stage-1 recipe"):
+        pretrain_shapes.pretrain(str(lm_dir), str(vision))
+    (lm_dir / "stage1.json").write_text(json.dumps({"recipe": pretrain_shapes.LM_RECIPE}))
+    assert pretrain_shapes.pretrain(str(lm_dir), str(vision)) == (str(lm_dir), str(vision))  # both kept as they are
