@@ -206,7 +206,7 @@ def pretrain_vision(out, clip="shapes-rn", stage=2, iters=500, batch_size=64, lr
 
 
 def pretrain(lm_dir, vision_file, tokenizer="shapes", lm_iters=600, vision_iters=500, seed=0, clip="shapes-rn",
-             vision_stage=2, log=print):
+             vision_stage=2, embedding_std=0.5, log=print):
     """Both stand-ins, into lm_dir and vision_file, skipping any already there. A stand-in LM that an older
     recipe made (stage1.json missing or another LM_RECIPE) stops the run with what to do: reused, it would
     quietly give a worse model."""
@@ -216,9 +216,9 @@ def pretrain(lm_dir, vision_file, tokenizer="shapes", lm_iters=600, vision_iters
         recipe = json.load(open(tag)).get("recipe") if os.path.exists(tag) else 1
         if recipe != LM_RECIPE:
             raise SystemExit(f"{lm_dir} holds a stand-in LM from an older stage-1 recipe ({recipe}, now {LM_RECIPE}): "
-                             f"delete {os.path.dirname(os.path.abspath(vision_file))} and run again to remake it")
+                             f"delete {lm_dir} and run again to remake it")
     else:
-        pretrain_lm(lm_dir, tokenizer, iters=lm_iters, seed=seed, log=log)
+        pretrain_lm(lm_dir, tokenizer, iters=lm_iters, seed=seed, embedding_std=embedding_std, log=log)
     if not os.path.exists(vision_file):
         pretrain_vision(vision_file, clip, vision_stage, iters=vision_iters, seed=seed, log=log)
     return lm_dir, vision_file
@@ -227,8 +227,8 @@ def pretrain(lm_dir, vision_file, tokenizer="shapes", lm_iters=600, vision_iters
 if __name__ == "__main__":
     import sys
     from configurator import configure
-    out_dir, tokenizer, lm_iters, vision_iters, seed, clip, vision_stage = \
-        "out-shapes/pretrained", "shapes", 600, 500, 0, "shapes-rn", 2
+    out_dir, tokenizer, lm_iters, vision_iters, seed, clip, vision_stage, embedding_std = \
+        "out-shapes/pretrained", "shapes", 600, 500, 0, "shapes-rn", 2, 0.5
     configure(globals(), sys.argv[1:])
     pretrain(os.path.join(out_dir, "lm"), os.path.join(out_dir, "vision.safetensors"), tokenizer, lm_iters,
-             vision_iters, seed, clip, vision_stage)
+             vision_iters, seed, clip, vision_stage, embedding_std)

@@ -130,7 +130,18 @@ def test_a_stand_in_lm_from_an_older_recipe_is_refused(tmp_path):
     lm_dir.mkdir()
     (lm_dir / "model.safetensors").write_bytes(b"old")
     vision.write_bytes(b"old")
-    with pytest.raises(SystemExit, match="older stage-1 recipe"):
+    with pytest.raises(SystemExit, match="older stage-1 recipe") as stop:
         pretrain_shapes.pretrain(str(lm_dir), str(vision))
+    assert f"delete {lm_dir} and run again" in str(stop.value)  # the folder to delete is the LM's
     (lm_dir / "stage1.json").write_text(json.dumps({"recipe": pretrain_shapes.LM_RECIPE}))
     assert pretrain_shapes.pretrain(str(lm_dir), str(vision)) == (str(lm_dir), str(vision))  # both kept as they are
+
+
+def test_stage_one_passes_its_settings_to_the_lm(tmp_path, monkeypatch):
+    """pretrain() (and so `python pretrain_shapes.py --embedding_std=... --seed=...`) reaches pretrain_lm."""
+    seen = {}
+    monkeypatch.setattr(pretrain_shapes, "pretrain_lm", lambda out, tokenizer, **kw: seen.update(kw))
+    vision = tmp_path / "vision.safetensors"
+    vision.write_bytes(b"there already")  # so stage 1 makes only the LM
+    pretrain_shapes.pretrain(str(tmp_path / "lm"), str(vision), seed=4, embedding_std=0.25)
+    assert seen["seed"] == 4 and seen["embedding_std"] == 0.25
