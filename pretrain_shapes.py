@@ -89,7 +89,7 @@ def pretrain_lm(out, tokenizer="shapes", iters=600, batch_size=16, block_size=25
     hidden = {}
     hooks = [block.register_forward_hook(lambda m, args, x, i=i: hidden.__setitem__(i, x))
              for i, block in enumerate(lm.transformer.h[:-1])]
-    # An <image> marker becomes a random ordinary token, never a target: stage 2 puts a token there that this
+    # An <image> marker becomes a random token of the LM's vocabulary (<|endoftext|> included), never a target: stage 2 puts a token there that this
     # LM never saw (the new <image> row), and the LM must read the question that follows whatever it is (with
     # nothing in its place, a fresh <image> row took the noun's share at ":" from 61% to 1%, measured).
     g = torch.Generator().manual_seed(seed)
@@ -126,8 +126,8 @@ def pretrain_lm(out, tokenizer="shapes", iters=600, batch_size=16, block_size=25
     for hook in hooks:
         hook.remove()
     save_pretrained(lm, out)
-    with open(os.path.join(out, "stage1.json"), "w") as f:
-        json.dump({"recipe": LM_RECIPE}, f)
+    with open(os.path.join(out, "stage1.json"), "w") as f:  # how it was made: pretrain() checks the recipe
+        json.dump({"recipe": LM_RECIPE, "seed": seed, "embedding_std": embedding_std}, f)
     return lm
 
 
@@ -212,8 +212,13 @@ def pretrain(lm_dir, vision_file, tokenizer="shapes", lm_iters=600, vision_iters
     quietly give a worse model."""
     os.makedirs(os.path.dirname(os.path.abspath(vision_file)), exist_ok=True)
     if os.path.exists(os.path.join(lm_dir, "model.safetensors")):
-        tag = os.path.join(lm_dir, "stage1.json")
-        recipe = json.load(open(tag)).get("recipe") if os.path.exists(tag) else 1
+        try:
+            with open(os.path.join(lm_dir, "stage1.json")) as f:
+                recipe = json.load(f).get("recipe")
+        except FileNotFoundError:
+            recipe = 1  # made before stage1.json existed
+        except (ValueError, AttributeError):
+            recipe = "unreadable stage1.json"
         if recipe != LM_RECIPE:
             raise SystemExit(f"{lm_dir} holds a stand-in LM from an older stage-1 recipe ({recipe}, now {LM_RECIPE}): "
                              f"delete {lm_dir} and run again to remake it")

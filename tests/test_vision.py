@@ -1,6 +1,8 @@
 """The vision encoder (model.VisionEncoder) with an open_clip ResNet tower, and the shapes world's stage-1
 vision training (pretrain_shapes.py). CPU, no network, tiny sizes."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -121,11 +123,12 @@ def test_stage_one_lm_learns_the_question_words(tmp_path):
                                 n_layer=2, n_embd=32, n_head=2, log=logged.append)
     first, last = (tuple(float(x) for x in (m.split()[4], m.split()[7])) for m in (logged[0], logged[-1]))
     assert last[0] < first[0] and 0 < last[1] < first[1], logged
+    made = json.loads((tmp_path / "lm" / "stage1.json").read_text())  # how it was made, kept beside it
+    assert made == {"recipe": pretrain_shapes.LM_RECIPE, "seed": 0, "embedding_std": 0.5}
 
 
 def test_a_stand_in_lm_from_an_older_recipe_is_refused(tmp_path):
     """Stage 1 skips stand-ins already there, but not an LM an older recipe made (no stage1.json): a clear stop."""
-    import json
     lm_dir, vision = tmp_path / "lm", tmp_path / "vision.safetensors"
     lm_dir.mkdir()
     (lm_dir / "model.safetensors").write_bytes(b"old")
@@ -133,6 +136,9 @@ def test_a_stand_in_lm_from_an_older_recipe_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="older stage-1 recipe") as stop:
         pretrain_shapes.pretrain(str(lm_dir), str(vision))
     assert f"delete {lm_dir} and run again" in str(stop.value)  # the folder to delete is the LM's
+    (lm_dir / "stage1.json").write_text("{not json")  # a broken tag is refused the same way, not a traceback
+    with pytest.raises(SystemExit, match="unreadable stage1.json"):
+        pretrain_shapes.pretrain(str(lm_dir), str(vision))
     (lm_dir / "stage1.json").write_text(json.dumps({"recipe": pretrain_shapes.LM_RECIPE}))
     assert pretrain_shapes.pretrain(str(lm_dir), str(vision)) == (str(lm_dir), str(vision))  # both kept as they are
 
