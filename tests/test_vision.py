@@ -96,7 +96,7 @@ def test_pretrained_lm_embeddings_start_large(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "__init__", spy)
     lm = pretrain_shapes.pretrain_lm(str(tmp_path / "lm"), "bytes", iters=1, batch_size=2, block_size=64,
                                      n_layer=1, n_embd=32, n_head=2, log=lambda *_: None)
-    assert abs(seen["wte"].std().item() - 0.5) < 0.02  # nanoGPT's init would give 0.02
+    assert abs(seen["wte"].std().item() - 0.25) < 0.02  # nanoGPT's init would give 0.02
     again = LM.from_pretrained(str(tmp_path / "lm"))
     assert torch.equal(again.transformer.wte.weight, lm.transformer.wte.weight)
 
@@ -124,7 +124,7 @@ def test_stage_one_lm_learns_the_question_words(tmp_path):
     first, last = (tuple(float(x) for x in (m.split()[4], m.split()[7])) for m in (logged[0], logged[-1]))
     assert last[0] < first[0] and 0 < last[1] < first[1], logged
     made = json.loads((tmp_path / "lm" / "stage1.json").read_text())  # how it was made, kept beside it
-    assert made == {"recipe": pretrain_shapes.LM_RECIPE, "seed": 0, "embedding_std": 0.5}
+    assert made == {"recipe": pretrain_shapes.LM_RECIPE, "seed": 0, "embedding_std": 0.25}
 
 
 def test_a_stand_in_lm_from_an_older_recipe_is_refused(tmp_path):
