@@ -675,6 +675,7 @@ class FlamingoConfig:
     clip: str = "ViT-B-32"                # open_clip model name
     clip_pretrained: str | None = None    # open_clip tag or local weights file
     cross_attn_every_n_layers: int = 1    # a GATED XATTN-DENSE block before layer i when (i + 1) % n == 0
+    cross_attn_from_layer: int = 0        # ... and i >= this (1: the LM's first layer reads its own embeddings)
     resampler_depth: int = 6
     resampler_heads: int = 8
     resampler_dim_head: int = 64
@@ -710,8 +711,11 @@ class Flamingo(nn.Module):
         self.xattn = nn.ModuleDict({
             str(i): GatedCrossAttentionBlock(C, D, cfg.xattn_heads, cfg.xattn_dim_head, cfg.xattn_ff_mult,
                                              cfg.only_attend_immediate_media)
-            for i in range(lm.config.n_layer) if (i + 1) % n == 0
+            for i in range(lm.config.n_layer) if (i + 1) % n == 0 and i >= cfg.cross_attn_from_layer
         })
+        if not self.xattn:
+            raise ValueError(f"no layer of the {lm.config.n_layer}-layer LM gets a gated block "
+                             f"(cross_attn_every_n_layers={n}, cross_attn_from_layer={cfg.cross_attn_from_layer})")
         # The new tokens get their own trained rows, appended after the LM's vocabulary, so that every
         # original LM weight stays bit-identical. They start at the mean of the existing rows. Ours are
         # <image>, <|endofchunk|>; OpenFlamingo's <|endofchunk|>, <image>, <PAD> (from_openflamingo).

@@ -77,6 +77,7 @@ pretrain_vision_iters = 500
 vision_stage = None           # ResNet towers: the stage whose feature map is the grid of visual tokens
 vision_ln_post = True         # ViT towers: False takes the patch tokens before the final LayerNorm (OpenFlamingo)
 cross_attn_every_n_layers = 1
+cross_attn_from_layer = 0     # no gated block before the LM's layers below this one (model.FlamingoConfig)
 resampler_depth = 6
 resampler_heads = 8
 resampler_dim_head = 64
@@ -116,10 +117,10 @@ from configurator import configure  # noqa: E402
 config = configure(globals())
 lr_decay_iters = lr_decay_iters or max_iters
 min_lr = learning_rate / 10 if min_lr is None else min_lr
-flamingo_options = dict(
-    cross_attn_every_n_layers=cross_attn_every_n_layers, resampler_depth=resampler_depth,
-    resampler_heads=resampler_heads, resampler_dim_head=resampler_dim_head, num_latents=num_latents,
-    max_num_frames=max_num_frames, xattn_heads=xattn_heads, xattn_dim_head=xattn_dim_head, xattn_ff_mult=xattn_ff_mult,
+flamingo_options = dict(cross_attn_every_n_layers=cross_attn_every_n_layers,
+    cross_attn_from_layer=cross_attn_from_layer, resampler_depth=resampler_depth, resampler_heads=resampler_heads,
+    resampler_dim_head=resampler_dim_head, num_latents=num_latents, max_num_frames=max_num_frames,
+    xattn_heads=xattn_heads, xattn_dim_head=xattn_dim_head, xattn_ff_mult=xattn_ff_mult,
     only_attend_immediate_media=only_attend_immediate_media, freeze_lm=freeze_lm, freeze_vision=freeze_vision,
     vision_ln_post=vision_ln_post, vision_stage=vision_stage, train_lm_layers=train_lm_layers)
 finetune = init_from not in ("scratch", "resume")

@@ -121,6 +121,18 @@ def test_fresh_model_basics(fresh):
     assert logits_of(m, images_for(1, 0), idx).shape == (1, 6, V + 2)
 
 
+def test_cross_attn_from_layer(assets, tmp_path):
+    """No gated block before the LM's layers below cross_attn_from_layer; the layout survives a checkpoint."""
+    opts = dict(OPTS, cross_attn_every_n_layers=1, cross_attn_from_layer=1)
+    m = Flamingo.from_pretrained(lm=assets["lm"]["gpt2"], clip_pretrained=assets["clip"], **opts)
+    assert sorted(m.xattn, key=int) == ["1", "2", "3"]
+    m.save_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert sorted(Flamingo.from_checkpoint(str(tmp_path), verbose=False)[0].xattn, key=int) == ["1", "2", "3"]
+    with pytest.raises(ValueError, match="no layer"):
+        Flamingo.from_pretrained(lm=assets["lm"]["gpt2"], clip_pretrained=assets["clip"],
+                                 **dict(opts, cross_attn_from_layer=4))
+
+
 # -----------------------------------------------------------------------------
 # 1. Closed gates: the bare LM
 
