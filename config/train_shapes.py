@@ -16,7 +16,7 @@ batch_size = 8
 gradient_accumulation_steps = 1
 
 cross_attn_every_n_layers = 1
-cross_attn_from_layer = 1  # none before the LM's first layer, which reads the question's words (README, "What you see")
+cross_attn_from_layer = 1  # none before layer 0: it erased the question's words (README, "The shapes world")
 resampler_depth = 2
 resampler_heads = 4
 resampler_dim_head = 32
