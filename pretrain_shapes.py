@@ -90,9 +90,9 @@ def pretrain_lm(out, tokenizer="shapes", iters=600, batch_size=16, block_size=25
     hidden = {}
     hooks = [block.register_forward_hook(lambda m, args, x, i=i: hidden.__setitem__(i, x))
              for i, block in enumerate(lm.transformer.h[:-1])]
-    # An <image> marker becomes a random token of the LM's vocabulary (<|endoftext|> included), never a target: stage 2 puts a token there that this
-    # LM never saw (the new <image> row), and the LM must read the question that follows whatever it is (with
-    # nothing in its place, a fresh <image> row took the noun's share at ":" from 61% to 1%, measured).
+    # An <image> marker becomes a random token of the LM's vocabulary (<|endoftext|> too), never a target: stage 2
+    # puts a token there this LM never saw (the new <image> row), and the LM must read the question after it
+    # whatever it is (with nothing in its place, a fresh <image> row took the noun's share at ":" from 61% to 1%).
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     t0 = time.time()

@@ -149,5 +149,5 @@ def test_stage_one_passes_its_settings_to_the_lm(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain_shapes, "pretrain_lm", lambda out, tokenizer, **kw: seen.update(kw))
     vision = tmp_path / "vision.safetensors"
     vision.write_bytes(b"there already")  # so stage 1 makes only the LM
-    pretrain_shapes.pretrain(str(tmp_path / "lm"), str(vision), seed=4, embedding_std=0.25)
-    assert seen["seed"] == 4 and seen["embedding_std"] == 0.25
+    pretrain_shapes.pretrain(str(tmp_path / "lm"), str(vision), seed=4, embedding_std=0.4)  # not the defaults
+    assert seen["seed"] == 4 and seen["embedding_std"] == 0.4
