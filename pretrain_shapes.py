@@ -7,7 +7,7 @@ file makes the two in about two minutes on a 2-core CPU (600 LM steps, 500 visio
 then train.py freezes them exactly as it would a real CLIP and GPT-2:
 
 1. the LM: a small GPT-2 (the "shapes" BPE tokenizer of data.py) trained on the *text* of shapes sequences,
-   read in windows at random offsets as GPT-2 read its text, each image a random ordinary token and
+   half of its rows at random offsets as GPT-2 read its text, each image a random ordinary token and
    `<|endofchunk|>` written as a newline. It learns the formats and,
    from task-by-example text, to answer in the kind its examples use; it cannot know what any image shows.
    A second loss makes its state where an answer begins carry the question's words, as a real LM's does.
@@ -37,8 +37,8 @@ from model import LM, LMConfig, VisionEncoder, save_pretrained
 # 1. The language model
 
 QUESTION_LOSS = 3.0  # weight of the second loss (below)
-LM_RECIPE = 4  # stage 1's LM recipe, kept beside it: 2 = question-words loss and image markers, 3 = N(0, 0.25),
-#               4 = windows at random offsets
+LM_RECIPE = 5  # stage 1's LM recipe, kept beside it: 2 = question-words loss and image markers, 3 = N(0, 0.25),
+#               4 = rows at random offsets, 5 = half of them (lm_row)
 
 
 def lm_text(text):
@@ -48,12 +48,15 @@ def lm_text(text):
 
 
 def lm_row(seed, index, tok, block_size, g):
-    """Row `index` of stage 1's text, as ids: a window of at most block_size tokens at a random offset (from
-    generator g) into whole samples packed up to twice that, as GPT-2 and nanoGPT read text: a row may begin
-    anywhere. A stand-in whose rows all began with a sample's <image> lost the answer's format when a prompt
-    began otherwise: 79% on the vqa folder at 0 shots, whose prompt begins with a text-only "Question", and
-    95% on the same prompts with <|endoftext|> put first. README, "The shapes world"."""
+    """Row `index` of stage 1's text, as ids: at most block_size tokens of whole samples packed up to twice
+    that. Half the rows (drawn from generator g) begin where a sample begins, as every stage-2 row does; the
+    others at a random offset, as GPT-2 read its text, so a prompt may begin anywhere. A stand-in whose rows
+    all began with a sample's <image> lost the answer's form when a prompt began otherwise: 79% on the vqa
+    folder at 0 shots, whose prompt begins with a text-only "Question", and 95% on the same prompts with
+    <|endoftext|> put first. README, "The shapes world"."""
     ids = tok.encode_markup(lm_text(data.packed_sample("train", seed, index, tok, 2 * block_size)[0]))
+    if torch.rand((), generator=g) < 0.5:
+        return ids[:block_size]
     start = int(torch.randint(max(1, len(ids) - block_size // 2), (), generator=g))
     return ids[start:start + block_size]
 

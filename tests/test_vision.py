@@ -117,15 +117,15 @@ def test_question_words_name_what_each_question_asks():
 
 
 def test_stage_one_rows_begin_anywhere():
-    """Stage 1 reads windows at random offsets (lm_row), as GPT-2 did: its rows begin at many different tokens,
-    not always at a sample's <image>, and hold at most block_size tokens (at least half that here)."""
+    """Stage 1 (lm_row): about half its rows begin at a sample's <image>, the others at a random offset, so at
+    many different tokens; each holds at most block_size tokens (at least half that here)."""
     import data
     tok = data.get_tokenizer("shapes")
     g = torch.Generator().manual_seed(0)
-    rows = [pretrain_shapes.lm_row(0, i, tok, 64, g) for i in range(40)]
+    rows = [pretrain_shapes.lm_row(0, i, tok, 64, g) for i in range(60)]
     assert all(32 < len(r) <= 64 for r in rows)
     firsts = [r[0] for r in rows]
-    assert firsts.count(tok.image_id) < 10 and len(set(firsts)) >= 10, [tok.decode([t]) for t in firsts]
+    assert 15 <= firsts.count(tok.image_id) <= 45 and len(set(firsts)) >= 10, [tok.decode([t]) for t in firsts]
     again = [pretrain_shapes.lm_row(0, i, tok, 64, torch.Generator().manual_seed(0)) for i in range(3)]
     assert again[0] == rows[0]  # a pure function of (seed, index, generator state)
 
