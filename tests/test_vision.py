@@ -126,8 +126,7 @@ def test_stage_one_rows_begin_anywhere():
     assert all(32 < len(r) <= 64 for r in rows)
     firsts = [r[0] for r in rows]
     assert 15 <= firsts.count(tok.image_id) <= 45 and len(set(firsts)) >= 10, [tok.decode([t]) for t in firsts]
-    again = [pretrain_shapes.lm_row(0, i, tok, 64, torch.Generator().manual_seed(0)) for i in range(3)]
-    assert again[0] == rows[0]  # a pure function of (seed, index, generator state)
+    assert pretrain_shapes.lm_row(0, 0, tok, 64, torch.Generator().manual_seed(0)) == rows[0]  # (seed, index, g)
 
 
 def test_stage_one_lm_learns_the_question_words(tmp_path):
