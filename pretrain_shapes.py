@@ -53,7 +53,8 @@ def lm_row(seed, index, tok, block_size, g):
     others at a random offset, as GPT-2 read its text, so a prompt may begin anywhere. A stand-in whose rows
     all began with a sample's <image> lost the answer's form when a prompt began otherwise: 79% on the vqa
     folder at 0 shots, whose prompt begins with a text-only "Question", and 95% on the same prompts with
-    <|endoftext|> put first. README, "The shapes world"."""
+    <|endoftext|> put first. README, "The shapes world". A row that begins inside a question: the second loss
+    (question_words) asks at its ":" only for the words the row holds."""
     ids = tok.encode_markup(lm_text(data.packed_sample("train", seed, index, tok, 2 * block_size)[0]))
     if torch.rand((), generator=g) < 0.5:
         return ids[:block_size]
