@@ -199,3 +199,64 @@ def test_finetune_an_openflamingo_checkpoint_on_a_folder(tmp_path, mpt_dir):
             continue  # a random tower here (clip_pretrained=None): each build draws its own, the checkpoint keeps it
         trained = k.startswith(("perceiver.", "xattn.", "new_", top))
         assert torch.equal(v, before[k]) != trained, (k, trained)
+
+
+def test_same_logits_as_openflamingos_own_code(tmp_path):
+    """OpenFlamingo 2.0.1's own code (pip install --no-deps -r requirements-reference.txt) builds a model from a
+    tiny CLIP and a tiny MPT with its create_model_and_transforms; its trained parts, drawn at random with the
+    gates open, are saved as its checkpoint.pt. from_openflamingo, given the same local files, gives the same
+    logits, for rows with 1 to 3 images and text before the first one (OpenFlamingo pads the images of a batch
+    to the most any row has; we encode only real ones)."""
+    import json
+    import open_clip
+
+    open_flamingo = pytest.importorskip("open_flamingo")
+    from model import _register_clip_configs
+    from test_tokenizer import neox_like
+
+    torch.manual_seed(0)
+    lm = tmp_path / "lm"
+    cfg = transformers.MptConfig(d_model=C, n_heads=4, n_layers=LAYERS, expansion_ratio=4, max_seq_len=128,
+                                 vocab_size=50432, no_bias=True, attn_config=dict(alibi=True, alibi_bias_max=8))
+    transformers.MptForCausalLM(cfg).save_pretrained(lm)
+    neox_like(lm)  # lm/tokenizer.json; AutoTokenizer reads it as a fast tokenizer through this config
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"},
+              open(lm / "tokenizer_config.json", "w"))
+    _register_clip_configs()
+    clip = open_clip.create_model("flamingo-tiny")
+    with torch.no_grad():  # a trained tower's final norm is no identity: this makes "before ln_post" matter
+        clip.visual.ln_post.weight.add_(torch.randn(D) * 0.5)
+        clip.visual.ln_post.bias.add_(torch.randn(D) * 0.5)
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")
+
+    ref, _, tok = open_flamingo.create_model_and_transforms("flamingo-tiny", str(tmp_path / "clip.pt"), str(lm),
+                                                           str(lm), cross_attn_every_n_layers=EVERY)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.requires_grad:  # the trained parts and the input embedding: all drawn afresh, gates open
+                p.copy_(torch.rand(1, generator=g) * 2 - 1 if name.endswith("_gate") else
+                        (p.ndim == 1) + torch.randn(p.shape, generator=g) * 0.1 if "norm" in name or
+                        name.endswith(("ff.0.weight", "1.0.weight")) else torch.randn(p.shape, generator=g) * 0.1)
+    trained = {k for k, p in ref.named_parameters() if p.requires_grad}
+    torch.save({k: v for k, v in ref.state_dict().items() if k in trained}, tmp_path / "checkpoint.pt")
+    # OpenFlamingo's models were trained on open_clip's patch tokens before ln_post (open_clip < 2.23); the
+    # open_clip installed now normalises them first, so the reference's tower drops ln_post to see them as then
+    ref.vision_encoder.ln_post = torch.nn.Identity()
+    ref.eval()
+
+    ours = Flamingo.from_openflamingo(str(tmp_path / "checkpoint.pt"), str(lm), clip="flamingo-tiny",
+                                      clip_pretrained=str(tmp_path / "clip.pt"), verbose=False).eval()
+    image = tok.encode("<image>")[-1]
+    assert (ours.media_token_id, ours.eoc_token_id) == (image, tok.encode("<|endofchunk|>")[-1])
+    rows = ["<image>a red circle<|endofchunk|><image>two squares<|endofchunk|><image>and a",
+            "text before any image <image>the blue one<|endofchunk|> and <image>the",
+            "<image>" + " the lazy dog" * 6]
+    images = torch.randn(len(rows), 3, 1, 3, 32, 32)  # (B, T_img, F, 3, H, W): 3 slots, the spare ones padding
+    for b, text in enumerate(rows):
+        x = torch.tensor([tok(text)["input_ids"]])
+        n = int((x == image).sum())
+        with torch.no_grad():
+            want = ref(images[b:b + 1], x).logits
+            got = ours(images[b, :n], x)[0]                   # (n, F, 3, H, W): the row's images only
+        assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
