@@ -166,6 +166,41 @@ def test_sample_py_runs_an_openflamingo_checkpoint(tmp_path, mpt_dir):
     assert "huggingface-cli download openflamingo/OpenFlamingo-9B-vitl-mpt7b" in r.stderr
 
 
+def test_hub_names_read_from_the_hub_cache(tmp_path, mpt_dir):
+    """sample.py --init_from=openflamingo/<name> finds the checkpoint and its LM (tokenizer.json included) where
+    `huggingface-cli download` leaves them: the hub cache, here written by hand in its layout and read offline."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+    from test_tokenizer import neox_like
+
+    def cached(repo):  # <cache>/models--<org>--<name>/snapshots/<commit>/, refs/main naming that commit
+        root = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text("0" * 40)
+        return root / "snapshots" / ("0" * 40)
+
+    name = "openflamingo/OpenFlamingo-9B-vitl-mpt7b"
+    ckpt_dir = cached(name)
+    ckpt_dir.mkdir(parents=True)
+    torch.save(openflamingo_state_dict(), ckpt_dir / "checkpoint.pt")
+    lm = cached(OPENFLAMINGO[name])
+    shutil.copytree(mpt_dir[0], lm)
+    neox_like(lm)
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(tmp_path / "cat.png")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    r = subprocess.run([sys.executable, os.path.join(root, "sample.py"), f"--init_from={name}", "--clip=flamingo-tiny",
+                        "--clip_pretrained=None", "--image", "cat.png", "--max_new_tokens=3"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip()
+
+
 def test_finetune_an_openflamingo_checkpoint_on_a_folder(tmp_path, mpt_dir):
     """train.py fine-tunes a local OpenFlamingo checkpoint.pt on a folder (train_lm_layers=1): the checkpoint it
     writes rebuilds through from_checkpoint, with the trained parts (and the LM's top layer) moved, nothing else."""
