@@ -690,6 +690,7 @@ class FlamingoConfig:
     freeze_lm: bool = True
     freeze_vision: bool = True
     train_lm_layers: int = 0              # fine-tuning: the LM's top this many layers trained too (freeze_lm or not)
+    train_lm_embeddings: bool = False     # the LM's whole input table trained too, as OpenFlamingo does (config/9b.py)
     new_tokens: tuple = ("<image>", "<|endofchunk|>")  # rows after the LM's vocabulary, in this order
     openflamingo: str | None = None       # an OpenFlamingo checkpoint.pt this model was built from (its LM rows)
 
@@ -728,7 +729,7 @@ class Flamingo(nn.Module):
         # Freezing is decided once, here: the optimizer only ever sees what requires grad.
         self.lm.requires_grad_(not cfg.freeze_lm)
         self.vision.requires_grad_(not cfg.freeze_vision)
-        self.unfreeze_lm_layers(cfg.train_lm_layers)
+        self.unfreeze_lm_layers(cfg.train_lm_layers, cfg.train_lm_embeddings)
         # Recompute each LM layer (and the gated block before it) in the backward pass instead of keeping its
         # activations (torch.utils.checkpoint): a training setting, switched on by train.py, not saved.
         self.activation_checkpointing = False
@@ -743,15 +744,20 @@ class Flamingo(nn.Module):
                 t, f = counts.get(part, (0, 0))
                 print(f"{name:<48}{t:>15,}{f:>15,}")
 
-    def unfreeze_lm_layers(self, k):
-        """Train the LM's top k layers too (fine-tuning on a dataset of one's own), and record it in the config, so
-        that a checkpoint (which keeps every trained tensor) rebuilds the same model. k = 0 changes nothing."""
+    def unfreeze_lm_layers(self, k, embeddings=False):
+        """Train the LM's top k layers too (fine-tuning on a dataset of one's own), and with `embeddings` its whole
+        input table (OpenFlamingo trains it: its create_model_and_transforms' freeze_lm_embeddings=False; a tied head,
+        GPT-2's or MPT's, is the same tensor and trains with it). Recorded in the config, so that a checkpoint (which
+        keeps every trained tensor) rebuilds the same model. k = 0 and embeddings=False change nothing."""
         layers = self.lm.transformer.h
         if not 0 <= k <= len(layers):
             raise ValueError(f"train_lm_layers={k}: the LM has {len(layers)} layers")
         for layer in list(layers)[len(layers) - k:] if k else []:
             layer.requires_grad_(True)
+        if embeddings:
+            self.lm.transformer.wte.weight.requires_grad_(True)
         self.config.train_lm_layers = max(self.config.train_lm_layers, k)
+        self.config.train_lm_embeddings = self.config.train_lm_embeddings or embeddings
 
     def parameter_counts(self):
         """{part: (trained, frozen)} parameter counts of the parts vision, lm, perceiver, xattn, new_tokens, and their
@@ -1111,7 +1117,7 @@ class Flamingo(nn.Module):
         if cfg.get("openflamingo"):  # built on an OpenFlamingo model: its LM rows come from its checkpoint
             model = cls.from_openflamingo(cfg["openflamingo"], cfg["lm"], cfg["clip"], cfg["clip_pretrained"],
                                           verbose=verbose)
-            model.unfreeze_lm_layers(cfg.get("train_lm_layers", 0))
+            model.unfreeze_lm_layers(cfg.get("train_lm_layers", 0), cfg.get("train_lm_embeddings", False))
         else:
             model = cls.from_pretrained(verbose=verbose, **cfg)
         model.load_trained(ckpt["model"])

@@ -90,6 +90,7 @@ only_attend_immediate_media = True
 freeze_lm = True
 freeze_vision = True
 train_lm_layers = 0           # also train the LM's top this many layers (fine-tuning); 0 = the frozen LM
+train_lm_embeddings = False   # also train the LM's whole input table, as OpenFlamingo does (config/9b.py)
 activation_checkpointing = False  # recompute each LM layer in the backward pass: far less memory, ~1/3 more compute
 # optimizer: AdamW, warmup then cosine decay
 learning_rate = 1e-4
@@ -122,7 +123,8 @@ flamingo_options = dict(cross_attn_every_n_layers=cross_attn_every_n_layers,
     resampler_dim_head=resampler_dim_head, num_latents=num_latents, max_num_frames=max_num_frames,
     xattn_heads=xattn_heads, xattn_dim_head=xattn_dim_head, xattn_ff_mult=xattn_ff_mult,
     only_attend_immediate_media=only_attend_immediate_media, freeze_lm=freeze_lm, freeze_vision=freeze_vision,
-    vision_ln_post=vision_ln_post, vision_stage=vision_stage, train_lm_layers=train_lm_layers)
+    vision_ln_post=vision_ln_post, vision_stage=vision_stage, train_lm_layers=train_lm_layers,
+    train_lm_embeddings=train_lm_embeddings)
 finetune = init_from not in ("scratch", "resume")
 listed = lambda v, cast: [cast(x) for x in (  # noqa: E731  "a,b" (command line), a tuple (config file) or one value
     v.split(",") if isinstance(v, str) else v if isinstance(v, (list, tuple)) else [v])]
@@ -140,6 +142,7 @@ if dry_run:
             sys.exit(f"--dry_run=True with init_from={init_from!r}: dry runs read this project's checkpoints only")
         flamingo_options = {k: v for k, v in saved["flamingo_config"].items() if k not in ("lm", "clip", "clip_pretrained")}
         flamingo_options["train_lm_layers"] = max(train_lm_layers, flamingo_options.get("train_lm_layers", 0))
+        flamingo_options["train_lm_embeddings"] = train_lm_embeddings or flamingo_options.get("train_lm_embeddings", False)
         lm, clip, clip_pretrained = (saved["flamingo_config"][k] for k in ("lm", "clip", "clip_pretrained"))
         lm_config = LM.config_of(lm)
     elif pretrain_shapes and not os.path.exists(os.path.join(lm, "config.json")):
@@ -219,7 +222,7 @@ elif finetune:  # the model and its tokenizer as the checkpoint has them: this c
         sys.exit(f"init_from={init_from!r}: not an out_dir of train.py (no ckpt.pt); an OpenFlamingo checkpoint.pt "
                  "also needs lm=<its LM's directory>")
     model, tokenizer = load_model(init_from, "" if ours else lm, clip, clip_pretrained, verbose=master)
-    model.unfreeze_lm_layers(train_lm_layers)
+    model.unfreeze_lm_layers(train_lm_layers, train_lm_embeddings)
     config["tokenizer"] = tokenizer
     checkpoint, iter_num, best_val_loss = None, 0, float("inf")
 else:
@@ -335,13 +338,14 @@ def optimizer_state():
     return {**sd, "state": {i: whole(st) for i, st in sd["state"].items()}} if fsdp else sd
 
 
-# optimizer: weight decay on the trained matrices only (not on norms, gates, latents or token rows);
+# optimizer: weight decay on the trained matrices only (not on norms, gates, latents or token tables: OpenFlamingo
+# decays none of its embedding);
 # the gates may learn faster (gate_lr_mult): with Adam a gate moves at most ~lr per step, and a short run
 # needs them open long before the paper's 500k steps would open them
 named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 params = [p for _, p in named]
 is_gate = lambda n: n.endswith(("attn_gate", "ff_gate"))  # noqa: E731
-is_decay = lambda n, p: p.dim() >= 2 and "latents" not in n and "new_" not in n  # noqa: E731
+is_decay = lambda n, p: p.dim() >= 2 and not any(s in n for s in ("latents", "new_", "wte"))  # noqa: E731
 optimizer = torch.optim.AdamW([
     {"params": [p for n, p in named if is_decay(n, p)], "weight_decay": weight_decay},
     {"params": [p for n, p in named if not is_decay(n, p) and not is_gate(n)], "weight_decay": 0.0},

@@ -35,6 +35,10 @@ num_latents = 64
 max_num_frames = 0
 xattn_heads = 8
 xattn_dim_head = 64
+# and, as OpenFlamingo trains it (its freeze_lm_embeddings=False), the LM's whole input table: MPT-7B's 50432 x 4096
+# rows, tied to its head (206.6M more trained, 1.39B in all, OpenFlamingo-9B's "1.4B"). The new token rows are
+# trained whatever this says; False keeps every original LM weight as it was (DESIGN section 3, the default).
+train_lm_embeddings = True
 
 # Data: LAION-2B pairs and MMC4 documents (DESIGN section 7) as webdataset tar shards (img2dataset's layout for
 # LAION; MMC4's documents with their images), mixed as OpenFlamingo mixes them: every step a batch of each, their

@@ -34,6 +34,7 @@ gradient_accumulation_steps = 1
 # what is trained: the resampler, the gated blocks and the new token rows, as in pretraining; also the LM's top
 # layers with train_lm_layers > 0 (more capacity for a new kind of answer; more memory and a larger checkpoint)
 train_lm_layers = 0
+train_lm_embeddings = False    # True: the LM's whole input table too, as OpenFlamingo trained it (a tied head with it)
 
 # optimizer: a fine-tuning run is short, and starts from open gates
 learning_rate = 1e-3

@@ -657,6 +657,27 @@ def test_checkpoint_roundtrip(opened, tmp_path, monkeypatch):
     assert torch.equal(logits_of(m2.eval(), images, idx), logits_of(m, images, idx))
 
 
+def test_train_lm_embeddings(assets, tmp_path):
+    """train_lm_embeddings (OpenFlamingo's choice, config/9b.py): a step moves the LM's input table, and a tied head
+    with it (GPT-2's is the same tensor), and no other LM weight; the checkpoint keeps the table and rebuilds."""
+    m = Flamingo.from_pretrained(lm=assets["lm"]["gpt2"], clip_pretrained=assets["clip"], train_lm_embeddings=True,
+                                 **OPTS)
+    wte = m.lm.transformer.wte.weight
+    assert wte.requires_grad and m.lm.lm_head.weight is wte and "lm.transformer.wte.weight" in m.trained_state_dict()
+    before = {k: v.clone() for k, v in m.lm.state_dict().items()}
+    idx = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
+    idx[:, 0] = IMG
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    m(images_for(2, 0), idx[:, :-1], targets=idx[:, 1:])[1].backward()
+    opt.step()
+    moved = sorted(k for k, v in m.lm.state_dict().items() if not torch.equal(v, before[k]))
+    assert moved == ["lm_head.weight", "transformer.wte.weight"]
+    m.save_checkpoint(str(tmp_path / "ckpt.pt"))
+    m2, _ = Flamingo.from_checkpoint(str(tmp_path), verbose=False)
+    assert m2.config.train_lm_embeddings and torch.equal(m2.lm.transformer.wte.weight, wte)
+    assert m2.lm.lm_head.weight is m2.lm.transformer.wte.weight
+
+
 def test_checkpoint_refuses_mismatch(opened, tmp_path):
     m = opened["llama"]
     path = str(tmp_path / "ckpt.pt")
