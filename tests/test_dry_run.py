@@ -79,8 +79,7 @@ def test_9b():
 
 
 def test_coco_tiny():
-    """GPT-2 124M and ViT-B/32, both frozen; about 50M trained parameters; no data read (the COCO reader is not in
-    train.py yet: a real run is refused, a dry run is fine)."""
+    """GPT-2 124M and ViT-B/32, both frozen; about 50M trained parameters; no data read (data/coco need not exist)."""
     record, out, _ = dry_run("config/train_coco_tiny.py")
     assert record["total_params"] - record["trained_params"] == 124_439_808 + 87_849_216  # GPT-2 + ViT-B/32 tower
     assert 40e6 < record["trained_params"] < 60e6
