@@ -392,24 +392,28 @@ def loss_of(m, images, idx, targets):
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over the eval_iters validation batches of a 1-process run, dealt out to the processes: the
-    same number whatever world_size. The unwrapped module: ranks may run different numbers of batches.
-    Several sources: the sum of their losses with their weights, as in training. None: no validation data.
-    FSDP: every process runs every batch (each forward gathers weights from all of them)."""
+    """Mean loss over eval_iters validation batches, each the size of a global training batch and its loss the
+    mean over its target tokens, as in training: the same number however that batch is split over processes and
+    micro-steps. Its chunks of batch_size rows are dealt out to the processes (FSDP: every process runs every
+    chunk, each forward gathering weights from all of them). The unwrapped module: ranks may run different
+    numbers of chunks. Several sources: the sum of their losses with their weights. None: no validation data."""
     val = [src for src in sources if src.val is not None]
     if not val:
         return None
     model.eval()
-    losses = torch.zeros(len(val), eval_iters, device=device)
+    n = gradient_accumulation_steps * world_size  # chunks of a validation batch
+    acc = torch.zeros(2, len(val), eval_iters, device=device)  # each batch's summed token losses, target tokens
     for s, src in enumerate(val):
-        for k in range(0 if fsdp else rank, eval_iters, 1 if fsdp else world_size):
-            images, idx, targets = get_batch(src.val, "val", k, 0, 1, 0, 1, src.batch_size)
+        for c in range(0 if fsdp else rank, eval_iters * n, 1 if fsdp else world_size):
+            k, j = divmod(c, n)  # batch k's chunk j: the rows batch_indices gives micro-step j of 1 process
+            images, idx, targets = get_batch(src.val, "val", k, j, n, 0, 1, src.batch_size)
             with autocast:
-                losses[s, k] = loss_of(model.module if isinstance(model, DDP) else model, images, idx, targets)
+                loss = loss_of(model.module if isinstance(model, DDP) else model, images, idx, targets)
+            acc[:, s, k] += torch.stack([loss * (targets != -1).sum(), (targets != -1).sum()])
     if ddp and not fsdp:
-        dist.all_reduce(losses)  # each batch's loss is on one process, zeros elsewhere
+        dist.all_reduce(acc)  # each chunk's sums are on one process, zeros elsewhere
     model.train()
-    return sum(src.weight * loss for src, loss in zip(val, losses.mean(1).tolist()))
+    return sum(src.weight * loss for src, loss in zip(val, (acc[0] / acc[1].clamp(min=1)).mean(1).tolist()))
 
 
 def get_lr(it):
@@ -474,20 +478,28 @@ while True:
     if iter_num >= max_iters:
         break
 
-    # one optimizer step over gradient_accumulation_steps micro-batches, each a batch of every source
+    # one optimizer step over gradient_accumulation_steps micro-batches, each a batch of every source. A source's
+    # loss is the mean over the target tokens of its whole global batch (all micro-steps of all processes), however
+    # that batch is split: the micro-batches are read first and their target tokens counted over the processes,
+    # then each adds its tokens' summed loss / that count (x world_size: DDP and FSDP average the gradients).
+    batches = [[get_batch(src.train, "train", iter_num, m, bs=src.batch_size) for src in sources]
+               for m in range(gradient_accumulation_steps)]
+    counts = torch.stack([torch.stack([(t != -1).sum() for _, _, t in b]) for b in batches]).sum(0).float()  # (S,)
+    if ddp:
+        dist.all_reduce(counts)
     loss_sum = torch.zeros(len(sources), device=device)  # each source's loss, times its weight
-    for micro_step in range(gradient_accumulation_steps):
-        for s, src in enumerate(sources):
-            images, idx, targets = get_batch(src.train, "train", iter_num, micro_step, bs=src.batch_size)
+    for micro_step, batch in enumerate(batches):
+        for s, (src, (images, idx, targets)) in enumerate(zip(sources, batch)):
             last = micro_step == gradient_accumulation_steps - 1 and s == len(sources) - 1
             if fsdp:  # reduce-scatter the gradients on the last backward pass of the step only
                 raw_model.set_requires_gradient_sync(last)
             elif ddp:  # all-reduce them then
                 model.require_backward_grad_sync = last
             with autocast:
-                loss = loss_of(model, images, idx, targets)
-            (src.weight * loss / gradient_accumulation_steps).backward()
-            loss_sum[s] += src.weight * loss.detach()
+                # (1 micro-batch on 1 process: a ratio of exactly 1, the plain mean loss bit for bit)
+                share = loss_of(model, images, idx, targets) * ((targets != -1).sum() / counts[s].clamp(min=1))
+            (src.weight * share * world_size).backward()
+            loss_sum[s] += src.weight * share.detach()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
@@ -495,20 +507,18 @@ while True:
     iter_num += 1
 
     if iter_num % log_interval == 0 or iter_num == max_iters:
-        loss_avg = loss_sum / gradient_accumulation_steps
         if ddp:
-            dist.all_reduce(loss_avg)  # SUM: gloo has AVG only since torch 2.8
-            loss_avg /= world_size     # the loss of the whole global batch
+            dist.all_reduce(loss_sum)  # SUM of the processes' shares: the loss of the whole global batch
         dt, t0 = time.time() - t0, time.time()
         sps = log_interval * sum(src.batch_size for src in sources) * gradient_accumulation_steps * world_size / dt  # rows
         g = gates()
         if master:
-            loss_total = loss_avg.sum().item()
+            loss_total = loss_sum.sum().item()
             print(f"iter {iter_num}: loss {loss_total:.4f}, lr {lr:.2e}, {sps:.1f} samples/s, "
                   f"mean |tanh gate| {sum(abs(v) for v in g.values()) / len(g):.3f}")
             record = {"iter": iter_num, "loss": loss_total, "lr": lr, "samples_per_s": sps, "gates": g}
             if len(sources) > 1:  # each source's weighted loss: is the mix keeping what the model knew?
-                record["source_losses"] = {src.name: v for src, v in zip(sources, loss_avg.tolist())}
+                record["source_losses"] = {src.name: v for src, v in zip(sources, loss_sum.tolist())}
             log(record)
             if wandb_log:
                 wandb.log({"iter": iter_num, "train/loss": loss_total, "lr": lr, **g})

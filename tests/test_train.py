@@ -116,6 +116,23 @@ def test_ddp_equals_gradient_accumulation(assets, reference, tmp_path):
     assert g.keys() == g_ref.keys() and all(abs(g[k] - g_ref[k]) <= 2e-4 for k in g)
 
 
+def test_one_micro_batch_equals_gradient_accumulation(assets, reference, tmp_path):
+    """1 process x 1 micro-batch of 4 rows == 1 process x accumulation 2 of 2 rows (and so == 2 processes of 2 rows):
+    a loss is the mean over the target tokens of the whole global batch, however it is split, in training and in
+    validation."""
+    _, ref = reference
+    log = run_train(str(tmp_path), *SMALL, *assets, "--batch_size=4", "--gradient_accumulation_steps=1",
+                    "--max_iters=4")
+    for losses in (train_losses, val_losses):
+        got, want = losses(log), {k: v for k, v in losses(ref).items() if k <= 4}
+        assert list(got) == list(want)
+        torch.testing.assert_close(torch.tensor(list(got.values())), torch.tensor(list(want.values())), rtol=1e-4,
+                                   atol=0)
+    g = [r["gates"] for r in log if r.get("iter") == 4 and "gates" in r][0]
+    g_ref = [r["gates"] for r in ref if r.get("iter") == 4 and "gates" in r][0]
+    assert all(abs(g[k] - g_ref[k]) <= 2e-4 for k in g)
+
+
 def test_fsdp_equals_gradient_accumulation_and_resumes(assets, reference, tmp_path):
     """torchrun with 2 processes and fsdp=True (fully_shard, gloo on CPU): the losses and gates of 1 process with
     accumulation 2 (to float rounding: gradients are reduce-scattered); its checkpoint holds the whole tensors
