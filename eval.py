@@ -31,6 +31,7 @@ import os
 import re
 import sys
 from collections import Counter
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ import data
 # -----------------------------------------------------------------------------
 init_from = "out-shapes"      # an out_dir of train.py (or its ckpt.pt), or openflamingo/<name> (README)
 lm = ""                       # the LM of a local OpenFlamingo checkpoint.pt (a directory); hub models know theirs
-dtype = "float32"             # of the LM, for OpenFlamingo models
+dtype = "float32"             # of the frozen LM ("bfloat16" halves MPT-7B's 27 GB; run under autocast)
 clip = "ViT-L-14"             # and their CLIP: open_clip name, and tag or local weights file
 clip_pretrained = "openai"
 task = "shapes"               # shapes | coco | flickr30k | vqav2 | okvqa | textvqa | vizwiz | hateful_memes | captions | vqa
@@ -653,24 +654,28 @@ def main():
     shot_list = [int(s) for s in str(shots or ("0,1,2,4,8" if task == "shapes" else "0,4,8,16,32")).strip("()[]").split(",")
                  if s.strip()]  # "0,4" on the command line arrives as a tuple
     base = {"task": task, "checkpoint": init_from if openflamingo else os.path.abspath(init_from), "demos": "rices" if rices else "random"}
+    # a bf16 LM (dtype) next to the fp32 trained parts: autocast casts each matmul's operands to one dtype
+    amp = nullcontext() if dtype == "float32" else torch.autocast("cuda" if "cuda" in device else "cpu",
+                                                                  dtype=getattr(torch, dtype))
     records = []
-    if task == "shapes":
-        for t in range(num_trials):
-            for r in run_shapes(model, tok, shot_list, trial_seed + t, num_samples or 200):
-                records.append({**base, **r, "seed": trial_seed + t, "n": num_samples or 200})
-    else:
-        if not data_dir:
-            raise SystemExit(f"error: --data_dir is needed for task {task!r} (README, Evaluation)")
-        train, test, kind = read_task(task, data_dir)
-        print(f"{task}: {len(train)} training examples (demonstrations), {len(test)} test examples")
-        feats = None
-        if rices:
-            cache = rices_cache or os.path.join(data_dir, ".rices_cache")
-            feats = (image_features(model, train, cache, f"{task}-train"), image_features(model, test, cache, f"{task}-test"))
-        for k in shot_list:
+    with amp:
+        if task == "shapes":
             for t in range(num_trials):
-                out = run_trial(model, tok, kind, train, test, k, trial_seed + t, feats)
-                records.append({**base, "shots": k, "seed": trial_seed + t, **out})
+                for r in run_shapes(model, tok, shot_list, trial_seed + t, num_samples or 200):
+                    records.append({**base, **r, "seed": trial_seed + t, "n": num_samples or 200})
+        else:
+            if not data_dir:
+                raise SystemExit(f"error: --data_dir is needed for task {task!r} (README, Evaluation)")
+            train, test, kind = read_task(task, data_dir)
+            print(f"{task}: {len(train)} training examples (demonstrations), {len(test)} test examples")
+            feats = None
+            if rices:
+                cache = rices_cache or os.path.join(data_dir, ".rices_cache")
+                feats = (image_features(model, train, cache, f"{task}-train"), image_features(model, test, cache, f"{task}-test"))
+            for k in shot_list:
+                for t in range(num_trials):
+                    out = run_trial(model, tok, kind, train, test, k, trial_seed + t, feats)
+                    records.append({**base, "shots": k, "seed": trial_seed + t, **out})
     print(table(records))
     if results:
         os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)

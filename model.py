@@ -90,9 +90,19 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose weights take the input's dtype: a frozen LM kept in bf16 reads the fp32 residual stream
+    that the gated blocks (trained, fp32) write. CUDA's autocast runs layer_norm in fp32 anyway; a CPU refuses
+    bf16 weights on fp32 inputs."""
+
+    def forward(self, x):
+        cast = lambda t: None if t is None else t.to(x.dtype)  # noqa: E731
+        return F.layer_norm(x, self.normalized_shape, cast(self.weight), cast(self.bias), self.eps)
+
+
 def make_norm(cfg, dim):
     if cfg.arch in ("gpt2", "mpt"):
-        return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+        return LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
     return RMSNorm(dim, cfg.norm_eps)
 
 
@@ -167,8 +177,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.hd, bias=qkv_bias)
         self.c_proj = nn.Linear(cfg.n_head * cfg.hd, cfg.n_embd, bias=cfg.bias)
         if cfg.qk_ln:  # over all heads at once, before the split into heads (MosaicGPT's attn_qk_ln)
-            self.q_ln = nn.LayerNorm(cfg.n_head * cfg.hd, eps=cfg.norm_eps, bias=cfg.bias)
-            self.k_ln = nn.LayerNorm(cfg.kv_heads * cfg.hd, eps=cfg.norm_eps, bias=cfg.bias)
+            self.q_ln = LayerNorm(cfg.n_head * cfg.hd, eps=cfg.norm_eps, bias=cfg.bias)
+            self.k_ln = LayerNorm(cfg.kv_heads * cfg.hd, eps=cfg.norm_eps, bias=cfg.bias)
 
     def forward(self, x, rope=None, cache=None):
         """rope: the positions' part of attention, from LM.positions: RoPE's (cos, sin), ALiBi's bias
@@ -758,6 +768,9 @@ class Flamingo(nn.Module):
             self.lm.transformer.wte.weight.requires_grad_(True)
         self.config.train_lm_layers = max(self.config.train_lm_layers, k)
         self.config.train_lm_embeddings = self.config.train_lm_embeddings or embeddings
+        for p in self.parameters():  # what is trained is kept in fp32 whatever the LM's dtype (a bf16 MPT-7B):
+            if p.requires_grad:      # AdamW's small updates need it, and a checkpoint's trained tensors load back exactly
+                p.data = p.data.float()
 
     def parameter_counts(self):
         """{part: (trained, frozen)} parameter counts of the parts vision, lm, perceiver, xattn, new_tokens, and their
@@ -1101,8 +1114,9 @@ class Flamingo(nn.Module):
         atomic_save(ckpt, path)
 
     @classmethod
-    def from_checkpoint(cls, path, verbose=True, map_location="cpu"):
-        """Rebuild a model saved by save_checkpoint (a ckpt.pt file or the directory holding it)."""
+    def from_checkpoint(cls, path, verbose=True, map_location="cpu", dtype=None):
+        """Rebuild a model saved by save_checkpoint (a ckpt.pt file or the directory holding it); dtype: the frozen
+        LM's, cast as it is read (the trained parts stay in fp32)."""
         if os.path.isdir(path):
             path = os.path.join(path, "ckpt.pt")
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -1116,10 +1130,10 @@ class Flamingo(nn.Module):
                 cfg[key] = os.path.join(base, cfg[key])
         if cfg.get("openflamingo"):  # built on an OpenFlamingo model: its LM rows come from its checkpoint
             model = cls.from_openflamingo(cfg["openflamingo"], cfg["lm"], cfg["clip"], cfg["clip_pretrained"],
-                                          verbose=verbose)
+                                          dtype=dtype, verbose=verbose)
             model.unfreeze_lm_layers(cfg.get("train_lm_layers", 0), cfg.get("train_lm_embeddings", False))
         else:
-            model = cls.from_pretrained(verbose=verbose, **cfg)
+            model = cls.from_pretrained(verbose=verbose, dtype=dtype, **cfg)
         model.load_trained(ckpt["model"])
         if "vision" in ckpt:
             model.vision.load_state_dict(ckpt["vision"], strict=True)
@@ -1154,15 +1168,15 @@ def load_model(init_from, lm="", clip="ViT-L-14", clip_pretrained="openai", dtyp
     """What sample.py and eval.py load: (model, the name get_tokenizer takes). init_from is an out_dir of train.py
     (or its ckpt.pt), or an OpenFlamingo checkpoint: a hub id "openflamingo/<name>" (its LM known from
     OPENFLAMINGO) or a local checkpoint.pt with its LM's directory as `lm`; the tokenizer is that LM's
-    tokenizer.json (GPT-NeoX's, for the MPT models)."""
+    tokenizer.json (GPT-NeoX's, for the MPT models). dtype: the frozen LM's ("bfloat16": run under autocast)."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if init_from.startswith("openflamingo/") or lm:
         lm = lm or OPENFLAMINGO.get(init_from)
         if not lm:
             raise ValueError(f"which LM does {init_from} extend? Pass it as --lm (known: {', '.join(OPENFLAMINGO)})")
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         model = Flamingo.from_openflamingo(init_from, lm, clip, clip_pretrained, dtype=dtype, verbose=verbose)
         return model, resolve_checkpoint_dir(lm)
-    model, ckpt = Flamingo.from_checkpoint(init_from, verbose=verbose)
+    model, ckpt = Flamingo.from_checkpoint(init_from, verbose=verbose, dtype=dtype)
     return model, ckpt.get("config", {}).get("tokenizer", "bytes")
 
 

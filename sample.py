@@ -18,7 +18,7 @@ import sys
 # -----------------------------------------------------------------------------
 init_from = "out-shapes"      # an out_dir of train.py (or its ckpt.pt), or openflamingo/<name> (README)
 lm = ""                       # the LM of a local OpenFlamingo checkpoint.pt (a directory); hub models know theirs
-dtype = "float32"             # of the LM, for OpenFlamingo models ("bfloat16" halves MPT-7B's 27 GB)
+dtype = "float32"             # of the frozen LM ("bfloat16" halves MPT-7B's 27 GB; run under autocast)
 clip = "ViT-L-14"             # and their CLIP: open_clip name, and tag or local weights file
 clip_pretrained = "openai"
 prompt = ""                   # "": the captioning prompt "<image>Output:" (one image only)
@@ -116,8 +116,11 @@ def stream(token):
         printed = text
 
 
-out = model.generate(images, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                     num_beams=num_beams, on_token=stream if num_beams == 1 else None)
+from contextlib import nullcontext  # noqa: E402
+device_type = "cuda" if "cuda" in device else "cpu"
+with nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype)):
+    out = model.generate(images, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         num_beams=num_beams, on_token=stream if num_beams == 1 else None)
 continuation = out[0, idx.shape[1]:].tolist()
 if model.eoc_token_id in continuation:
     continuation = continuation[:continuation.index(model.eoc_token_id)]

@@ -158,7 +158,7 @@ if dry_run:
                                                     **flamingo_options), lm_config, verbose=True)
     trained, frozen = model.parameter_counts()["total"]
     # Memory per GPU, a rough estimate in GB (1e9 bytes). Weights: the frozen ones in the autocast dtype (b bytes: 2
-    # for bf16, 4 for fp32; candid: train.py does not cast them yet, they keep their checkpoint's dtype), the trained
+    # for bf16, 4 for fp32: the LM is read in that dtype; the vision tower stays fp32, counted at b too), the trained
     # ones 16 bytes each (fp32 weight, gradient and AdamW's 2 tensors); FSDP shards all of them over the processes,
     # DDP keeps a whole copy on each (its gradient buckets not counted). Activations kept for the backward pass, in
     # the autocast dtype, for BT = batch_size x block_size tokens of width C: about 16 values per token and unit of
@@ -208,12 +208,16 @@ os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)  # the same initial weights on every process
 device_type = "cuda" if "cuda" in device else "cpu"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+# the frozen LM is read in the autocast dtype, each tensor cast as its shard is read (model.load_hf_state_dict), so
+# MPT-7B's fp32 shards are never held whole in fp32. What is trained is kept in fp32 (Flamingo.unfreeze_lm_layers;
+# an LM part trained too, train_lm_layers or train_lm_embeddings, starts from its bf16-rounded weights).
+lm_dtype = None if dtype == "float32" else ptdtype
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 # model
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "resume":
-    model, checkpoint = Flamingo.from_checkpoint(ckpt_path, verbose=master)
+    model, checkpoint = Flamingo.from_checkpoint(ckpt_path, verbose=master, dtype=lm_dtype)
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
     tokenizer = config["tokenizer"] = checkpoint["config"]["tokenizer"]
 elif finetune:  # the model and its tokenizer as the checkpoint has them: this config's model keys do not apply
@@ -221,7 +225,7 @@ elif finetune:  # the model and its tokenizer as the checkpoint has them: this c
     if not ours and not lm and not init_from.startswith("openflamingo/"):
         sys.exit(f"init_from={init_from!r}: not an out_dir of train.py (no ckpt.pt); an OpenFlamingo checkpoint.pt "
                  "also needs lm=<its LM's directory>")
-    model, tokenizer = load_model(init_from, "" if ours else lm, clip, clip_pretrained, verbose=master)
+    model, tokenizer = load_model(init_from, "" if ours else lm, clip, clip_pretrained, lm_dtype, verbose=master)
     model.unfreeze_lm_layers(train_lm_layers, train_lm_embeddings)
     config["tokenizer"] = tokenizer
     checkpoint, iter_num, best_val_loss = None, 0, float("inf")
@@ -233,14 +237,9 @@ else:
                      vision_stage)
         if ddp:
             dist.barrier()
-    # the LM keeps its checkpoint's dtype, read shard by shard (model.load_hf_state_dict). Candid: not cast to the
-    # autocast dtype: on a CPU, autocast's LayerNorm refuses bf16 weights with fp32 inputs (not tried on a GPU)
-    model = Flamingo.from_pretrained(lm=lm, clip=clip, clip_pretrained=clip_pretrained, verbose=master,
+    model = Flamingo.from_pretrained(lm=lm, clip=clip, clip_pretrained=clip_pretrained, verbose=master, dtype=lm_dtype,
                                      **flamingo_options)
     checkpoint, iter_num, best_val_loss = None, 0, float("inf")
-for p in model.parameters():  # what is trained stays in fp32, whatever the LM's dtype: AdamW's small updates need it
-    if p.requires_grad:
-        p.data = p.data.float()
 model.to(device)
 model.activation_checkpointing = activation_checkpointing
 tok = data.get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)

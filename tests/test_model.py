@@ -678,6 +678,31 @@ def test_train_lm_embeddings(assets, tmp_path):
     assert m2.lm.lm_head.weight is m2.lm.transformer.wte.weight
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_bf16_lm_with_fp32_trained_parts(assets, tmp_path, arch):
+    """dtype=bfloat16 (train.py's on a GPU, sample.py's --dtype): the frozen LM is read in bf16, what is trained stays
+    fp32; a step runs under CPU autocast (LayerNorm's weights follow its input's dtype), and the checkpoint's fp32
+    trained tensors load back exactly into a model rebuilt in bf16."""
+    m = Flamingo.from_pretrained(lm=assets["lm"][arch], clip_pretrained=assets["clip"], dtype=torch.bfloat16,
+                                 train_lm_layers=1, **OPTS)
+    assert {p.dtype for p in m.lm.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in m.parameters() if p.requires_grad} == {torch.float32}
+    open_gates_(m, 0.5)
+    idx = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
+    idx[:, 0] = IMG
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(images_for(2, 0), idx[:, :-1], targets=idx[:, 1:])[1]
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and all(p.grad.dtype == torch.float32 for p in m.parameters() if p.grad is not None)
+    m.save_checkpoint(str(tmp_path / "ckpt.pt"))
+    m2, _ = Flamingo.from_checkpoint(str(tmp_path), verbose=False, dtype=torch.bfloat16)
+    assert m2.lm.transformer.ln_f.weight.dtype == torch.bfloat16
+    for k, v in m.trained_state_dict().items():
+        assert torch.equal(m2.trained_state_dict()[k], v), k
+
+
 def test_checkpoint_refuses_mismatch(opened, tmp_path):
     m = opened["llama"]
     path = str(tmp_path / "ckpt.pt")

@@ -157,6 +157,10 @@ def test_sample_py_runs_an_openflamingo_checkpoint(tmp_path, mpt_dir):
             "--image", "cat.png", "--max_new_tokens=5")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()  # five tokens of a random model: something was printed
+    # the LM read in bf16, the trained parts in fp32, generation under autocast
+    r = run(f"--init_from={tmp_path / 'checkpoint.pt'}", f"--lm={lm}", "--clip=flamingo-tiny", "--clip_pretrained=None",
+            "--image", "cat.png", "--max_new_tokens=5", "--dtype=bfloat16")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
     # MPT's max_seq_len (128 here, 2048 for the released models) is a hard end, as in MosaicML's code
     r = run(f"--init_from={tmp_path / 'checkpoint.pt'}", f"--lm={lm}", "--clip=flamingo-tiny", "--clip_pretrained=None",
             "--image", "cat.png", "--prompt", "<image>" + " the cat" * 200)

@@ -8,6 +8,7 @@
 
 import atexit
 import json
+import math
 import os
 import shutil
 import signal
@@ -162,6 +163,20 @@ def test_fsdp_equals_gradient_accumulation_and_resumes(assets, reference, tmp_pa
     assert mine["iter_num"] == theirs["iter_num"] == 8 and mine["model"].keys() == theirs["model"].keys()
     for k, v in theirs["model"].items():
         torch.testing.assert_close(mine["model"][k], v, rtol=1e-3, atol=1e-5)
+
+
+def test_bf16_fsdp_equals_gradient_accumulation(assets, tmp_path):
+    """--dtype=bfloat16 reads the frozen LM in bf16 (cast as it is read) next to the fp32 trained parts; under FSDP
+    that puts two dtypes in the root unit. On CPU (gloo, autocast) 2 processes give 1 process's losses with
+    twice the accumulation, to bf16's precision."""
+    args = [*SMALL, *assets, "--dtype=bfloat16", "--max_iters=3", "--eval_interval=3"]
+    ref = run_train(str(tmp_path / "one"), *args, "--gradient_accumulation_steps=2")
+    log = run_train(str(tmp_path / "fsdp"), *args, "--gradient_accumulation_steps=1", "--fsdp=True", nproc=2)
+    for losses in (train_losses, val_losses):
+        got, want = losses(log), losses(ref)
+        assert list(got) == list(want) and all(math.isfinite(v) for v in got.values())
+        torch.testing.assert_close(torch.tensor(list(got.values())), torch.tensor(list(want.values())), rtol=1e-2,
+                                   atol=0)
 
 
 def test_rows_longer_than_the_lms_positions_stop_at_the_start(assets, tmp_path):
