@@ -2,9 +2,10 @@
 The Flamingo model, top to bottom, in one file:
 
 1. `LM`: a decoder-only language model in nanoGPT's style that covers the GPT-2 family
-   (learned positions, LayerNorm, GELU, biases) and the Llama family (RoPE, RMSNorm, SwiGLU,
-   grouped-query attention, optional q/k/v bias as in Qwen2). `LM.from_pretrained` reads a
-   Hugging Face checkpoint (config.json + safetensors, sharded or not) with an explicit key map.
+   (learned positions, LayerNorm, GELU, biases), the Llama family (RoPE, RMSNorm, SwiGLU,
+   grouped-query attention, optional q/k/v bias as in Qwen2), and OpenFlamingo's LMs: MPT (ALiBi)
+   and GPT-NeoX (RoPE on part of each head, parallel residual). `LM.from_pretrained` reads a
+   Hugging Face checkpoint (config.json + safetensors or .bin, sharded or not) with an explicit key map.
 2. `VisionEncoder`: an open_clip vision tower that returns the grid of patch tokens.
 3. `Flamingo`: the frozen LM and vision encoder joined by the trained Perceiver Resampler
    (resampler.py) and GATED XATTN-DENSE blocks (xattn.py), with forward, generate and checkpoints.
@@ -34,8 +35,9 @@ from xattn import GatedCrossAttentionBlock
 
 @dataclass
 class LMConfig:
-    arch: str = "gpt2"            # "gpt2" (learned positions, LayerNorm, GELU), "llama" (RoPE, RMSNorm, SwiGLU)
-                                  # or "mpt" (ALiBi, LayerNorm, exact GELU; OpenFlamingo's LMs)
+    arch: str = "gpt2"            # "gpt2" (learned positions, LayerNorm, GELU), "llama" (RoPE, RMSNorm, SwiGLU),
+                                  # "mpt" (ALiBi, LayerNorm, exact GELU; OpenFlamingo's LMs) or "neox" (GPT-NeoX:
+                                  # RoPE, LayerNorm, exact GELU; RedPajama-INCITE, the LM of OpenFlamingo-4B)
     vocab_size: int = 50257
     n_layer: int = 12
     n_head: int = 12
@@ -52,16 +54,18 @@ class LMConfig:
     tie_word_embeddings: bool = True
     alibi_bias_max: float = 8.0   # mpt: head h's ALiBi slope is 2^(-alibi_bias_max * h / n_head)
     qk_ln: bool = False           # mpt: a LayerNorm on q and on k (the older MosaicGPT layout of mpt-1b)
+    rotary_pct: float = 1.0       # neox: the share of each head's dims that RoPE turns (Pythia's 0.25)
+    parallel_residual: bool = False  # neox: x + attn(ln_1(x)) + mlp(ln_2(x)), both read x (Pythia's layers)
 
     def __post_init__(self):
-        assert self.arch in ("gpt2", "llama", "mpt"), f"unknown arch {self.arch!r}"
+        assert self.arch in ("gpt2", "llama", "mpt", "neox"), f"unknown arch {self.arch!r}"
         # derived values are properties (below), never stored, so an override can't leave them stale
 
     @property
     def max_context(self):
         """The longest input this LM takes, or None: GPT-2's learned positions end at block_size, and MosaicML's
         MPT code (which OpenFlamingo's models ran) refuses more than max_seq_len tokens, though ALiBi itself
-        would run on. RoPE (llama) has no hard end."""
+        would run on. RoPE (llama, neox) has no hard end."""
         return self.block_size if self.arch in ("gpt2", "mpt") else None
 
     @property
@@ -101,14 +105,16 @@ class LayerNorm(nn.LayerNorm):
 
 
 def make_norm(cfg, dim):
-    if cfg.arch in ("gpt2", "mpt"):
+    if cfg.arch in ("gpt2", "mpt", "neox"):
         return LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
     return RMSNorm(dim, cfg.norm_eps)
 
 
 def rope_frequencies(cfg):
-    """Inverse frequencies of rotary embeddings (RoFormer eq. 15), with Llama-3's long-context rescaling."""
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.hd, 2, dtype=torch.float64) / cfg.hd))
+    """Inverse frequencies of rotary embeddings (RoFormer eq. 15), with Llama-3's long-context rescaling. GPT-NeoX
+    turns only the first rotary_pct of each head's dims."""
+    rd = int(cfg.hd * cfg.rotary_pct) if cfg.arch == "neox" else cfg.hd
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))
     rs = cfg.rope_scaling
     if rs is None or rs.get("rope_type", rs.get("type", "default")) == "default":
         return inv.float()
@@ -146,10 +152,12 @@ def alibi_bias(slopes, pos):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (i, i + hd/2) of x (B, h, T, hd): the 'rotate half' layout of HF Llama checkpoints."""
+    """Rotate pairs (i, i + rd/2) of x (B, h, T, hd)'s first rd = cos.shape[-1] dims (all of them but in GPT-NeoX's
+    partial rotary): the 'rotate half' layout of HF Llama and GPT-NeoX checkpoints."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # angles in fp32, applied in x's dtype (as HF does): a bf16
-    x1, x2 = x.chunk(2, dim=-1)                   # LM would otherwise give fp32 q, k next to a bf16 v
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    x, rest = x.split([cos.shape[-1], x.shape[-1] - cos.shape[-1]], dim=-1)  # LM would otherwise give fp32 q, k
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x * cos + torch.cat((-x2, x1), dim=-1) * sin, rest], dim=-1)
 
 
 class KVCache:
@@ -222,22 +230,26 @@ class MLP(nn.Module):
         if self.arch == "llama":
             gate, up = self.c_fc(x).chunk(2, dim=-1)
             return self.c_proj(F.silu(gate) * up)
-        if self.arch == "mpt":
-            return self.c_proj(F.gelu(self.c_fc(x)))  # MPT's GELU is the exact one
+        if self.arch in ("mpt", "neox"):
+            return self.c_proj(F.gelu(self.c_fc(x)))  # MPT's and GPT-NeoX's GELU is the exact one
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
 
 
 class Block(nn.Module):
-    """One pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """One pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x)); or, with parallel_residual,
+    x + attn(ln_1(x)) + mlp(ln_2(x))."""
 
     def __init__(self, cfg):
         super().__init__()
+        self.parallel = cfg.parallel_residual
         self.ln_1 = make_norm(cfg, cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope=None, cache=None):
+        if self.parallel:
+            return x + self.attn(self.ln_1(x), rope, cache) + self.mlp(self.ln_2(x))
         x = x + self.attn(self.ln_1(x), rope, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -257,7 +269,7 @@ class LM(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        if cfg.arch == "llama":
+        if cfg.arch in ("llama", "neox"):
             self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         if cfg.arch == "mpt":
             self.register_buffer("slopes", alibi_slopes(cfg.n_head, cfg.alibi_bias_max), persistent=False)
@@ -280,14 +292,15 @@ class LM(nn.Module):
         return tok_emb
 
     def positions(self, pos):
-        """What attention needs to know of positions pos (T,): RoPE's (cos, sin) of shape (T, hd) (llama),
-        ALiBi's bias (h, T, pos[-1] + 1) (mpt), or None (gpt2, whose positions are in its embeddings)."""
+        """What attention needs to know of positions pos (T,): RoPE's (cos, sin) of shape (T, rd) (llama, neox;
+        rd = hd but in GPT-NeoX's partial rotary), ALiBi's bias (h, T, pos[-1] + 1) (mpt), or None (gpt2, whose
+        positions are in its embeddings)."""
         if self.config.arch == "mpt":
             return alibi_bias(self.slopes, pos)
-        if self.config.arch != "llama":
+        if self.config.arch not in ("llama", "neox"):
             return None
-        ang = pos.float()[:, None] * self.inv_freq[None, :]  # (T, hd/2)
-        ang = torch.cat([ang, ang], dim=-1)                  # (T, hd)
+        ang = pos.float()[:, None] * self.inv_freq[None, :]  # (T, rd/2)
+        ang = torch.cat([ang, ang], dim=-1)                  # (T, rd)
         return ang.cos(), ang.sin()
 
     def forward(self, idx, targets=None, caches=None):
@@ -365,7 +378,20 @@ class LM(nn.Module):
                             bias=not hf.get("no_bias", False), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                             alibi_bias_max=float(bias_max), qk_ln=bool(get("qk_ln", False)),
                             tie_word_embeddings=True)  # MPT always ties its output head to wte
-        raise NotImplementedError(f"model_type {mt!r}: supported are gpt2, llama, qwen2, mistral, mpt, mosaic_gpt")
+        if mt == "gpt_neox":  # settings as older files name them (rotary_pct, ...) or transformers 5 (rope_parameters)
+            rope = hf.get("rope_parameters") or {}
+            if hf.get("hidden_act", "gelu") != "gelu" or hf.get("rope_scaling") or not hf.get("attention_bias", True):
+                raise NotImplementedError("GPT-NeoX with another activation than exact GELU, rope_scaling, or no biases")
+            return LMConfig(arch="neox", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+                            n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"], n_inner=hf["intermediate_size"],
+                            block_size=hf.get("max_position_embeddings", 2048), bias=True,
+                            norm_eps=hf.get("layer_norm_eps", 1e-5),
+                            rope_theta=rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0)),
+                            rotary_pct=rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)),
+                            parallel_residual=hf.get("use_parallel_residual", True),
+                            tie_word_embeddings=hf.get("tie_word_embeddings", False))
+        raise NotImplementedError(f"model_type {mt!r}: supported are gpt2, llama, qwen2, mistral, mpt, mosaic_gpt, "
+                                  "gpt_neox")
 
     @staticmethod
     def config_of(path_or_hub_id) -> LMConfig:
@@ -400,7 +426,7 @@ class LM(nn.Module):
         model.load_state_dict(sd, strict=True, assign=True)
         if cfg.tie_word_embeddings:  # assign=True replaced the tensor: tie again
             model.lm_head.weight = model.transformer.wte.weight
-        if cfg.arch == "llama":  # buffers computed, not loaded: built again off the meta device
+        if cfg.arch in ("llama", "neox"):  # buffers computed, not loaded: built again off the meta device
             model.inv_freq = rope_frequencies(cfg)
         if cfg.arch == "mpt":
             model.slopes = alibi_slopes(cfg.n_head, cfg.alibi_bias_max)
@@ -576,6 +602,24 @@ def hf_to_ours(cfg, hf, ours):
                 else k.replace("transformer.norm_f.", "transformer.ln_f.")
             if new in ours:  # anything else stays in hf and is refused below by its own name
                 out[new] = take(k)
+    elif cfg.arch == "neox":
+        # GPT-NeoX fuses q, k, v per head: its query_key_value rows are (head, q|k|v, hd); ours are q, k, v of all
+        # heads one after the other
+        names = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2", "attention.query_key_value":
+                 "attn.c_attn", "attention.dense": "attn.c_proj", "mlp.dense_h_to_4h": "mlp.c_fc",
+                 "mlp.dense_4h_to_h": "mlp.c_proj"}
+        hf = {k: v for k, v in hf.items() if not k.endswith((".attention.bias", ".attention.masked_bias"))}
+        for k in list(hf):  # (old files keep the causal mask as buffers named like weights: dropped above)
+            m = re.fullmatch(r"gpt_neox\.layers\.(\d+)\.(.+)\.(weight|bias)", k)
+            new = f"transformer.h.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}" if m and m.group(2) in names else \
+                {"gpt_neox.embed_in.weight": "transformer.wte.weight", "embed_out.weight": "lm_head.weight",
+                 "gpt_neox.final_layer_norm.weight": "transformer.ln_f.weight",
+                 "gpt_neox.final_layer_norm.bias": "transformer.ln_f.bias"}.get(k)
+            if new in ours and not (new == "lm_head.weight" and cfg.tie_word_embeddings):
+                v = take(k)
+                if new.endswith("c_attn.weight") or new.endswith("c_attn.bias"):
+                    v = v.view(cfg.n_head, 3, cfg.hd, -1).transpose(0, 1).reshape(v.shape)  # per head -> per kind
+                out[new] = v
     else:
         out["transformer.wte.weight"] = take("model.embed_tokens.weight")
         out["transformer.ln_f.weight"] = take("model.norm.weight")
@@ -811,12 +855,15 @@ class Flamingo(nn.Module):
         sd = {k.removeprefix("module."): v for k, v in sd.get("model_state_dict", sd).items()}
         lm_model = LM.from_pretrained(lm, dtype=dtype)
         n_layer, C = lm_model.config.n_layer, lm_model.config.n_embd
-        blocks = {"mpt": "lang_encoder.transformer.blocks."}.get(lm_model.config.arch)
+        # where OpenFlamingo's LM keeps its layers and input table: MPT's names, or GPT-NeoX's (the 4B models)
+        arch = lm_model.config.arch
+        blocks, wte_key = {"mpt": ("lang_encoder.transformer.blocks.", "lang_encoder.transformer.wte.weight"),
+                           "neox": ("lang_encoder.gpt_neox.layers.", "lang_encoder.gpt_neox.embed_in.weight")
+                           }.get(arch, (None, None))
         if blocks is None:
-            raise NotImplementedError(f"OpenFlamingo checkpoints with a {lm_model.config.arch} LM (only MPT's)")
-        wte_key = "lang_encoder.transformer.wte.weight"
+            raise NotImplementedError(f"OpenFlamingo checkpoints with a {arch} LM (MPT's and GPT-NeoX's only)")
         if wte_key not in sd:
-            raise KeyError(f"{path}: no {wte_key}: not an OpenFlamingo checkpoint of an MPT LM")
+            raise KeyError(f"{path}: no {wte_key}: not an OpenFlamingo checkpoint of this LM ({arch})")
         wte = sd.pop(wte_key)  # (V + 3, C): every row trained by OpenFlamingo, the new ones last
         ours = {}
         for k in list(sd):
@@ -851,17 +898,21 @@ class Flamingo(nn.Module):
                              f"{lm_model.config.vocab_size} rows of width {C}")
         # OpenFlamingo resized the LM's table (MPT-7B: 50432 padded rows) to its tokenizer's and trained it all:
         # the LM gets the first V rows, the new-token rows get the rest. MPT ties its head, so both tie here too.
-        dt = lm_model.transformer.wte.weight.dtype
+        # GPT-NeoX's head is its own, frozen: the LM keeps its first V rows, and the new tokens' head rows, which
+        # OpenFlamingo drew at random when it built its model and never saved, start at the mean of the others.
+        dt, tied = lm_model.transformer.wte.weight.dtype, lm_model.config.tie_word_embeddings
+        head = None if tied else lm_model.lm_head.weight[:V].detach().clone()
         lm_model.transformer.wte = nn.Embedding(V, C, _weight=wte[:V].to(dt).clone(), _freeze=True)
         lm_model.lm_head = nn.Linear(C, V, bias=False)
-        lm_model.lm_head.weight = lm_model.transformer.wte.weight
+        lm_model.lm_head.weight = lm_model.transformer.wte.weight if tied else nn.Parameter(head, requires_grad=False)
         lm_model.config.vocab_size = V
         vision = VisionEncoder(clip, clip_pretrained, ln_post=False)
         model = cls(lm_model, vision, cfg, verbose=verbose)
         with torch.no_grad():
             model.new_wte.copy_(wte[V:])
-        model.new_lm_head = model.new_wte
-        ours.update(new_wte=wte[V:])
+        if tied:
+            model.new_lm_head = model.new_wte
+        ours.update(new_wte=wte[V:], **({} if tied else {"new_lm_head": model.new_lm_head.detach().clone()}))
         try:
             model.load_trained(ours)
         except KeyError as e:  # name the checkpoint's keys too: xattn.{i}.X is <blocks>{i}.gated_cross_attn_layer.X
@@ -1155,11 +1206,12 @@ class Flamingo(nn.Module):
                 params[k].copy_(v)
 
 
-# The released OpenFlamingo models whose LM this file implements, with that LM (DESIGN section 9). All use
-# CLIP ViT-L-14 "openai". The 4B models' RedPajama-INCITE LMs are GPT-NeoX, not implemented here.
+# The released OpenFlamingo models, with their LM (DESIGN section 9). All use CLIP ViT-L-14 "openai".
 OPENFLAMINGO = {
     "openflamingo/OpenFlamingo-3B-vitl-mpt1b": "anas-awadalla/mpt-1b-redpajama-200b",
     "openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct": "anas-awadalla/mpt-1b-redpajama-200b-dolly",
+    "openflamingo/OpenFlamingo-4B-vitl-rpj3b": "togethercomputer/RedPajama-INCITE-Base-3B-v1",
+    "openflamingo/OpenFlamingo-4B-vitl-rpj3b-langinstruct": "togethercomputer/RedPajama-INCITE-Instruct-3B-v1",
     "openflamingo/OpenFlamingo-9B-vitl-mpt7b": "anas-awadalla/mpt-7b",
 }
 

@@ -142,6 +142,27 @@ def mpt(tmp_path_factory):
     return save(hf, tmp_path_factory.mktemp("mpt")), hf
 
 
+def tiny_neox_config(**kw):
+    """GPT-NeoX at toy size. The default: RedPajama-INCITE-3B's choices (OpenFlamingo-4B's LM): RoPE over whole heads,
+    sequential residual, untied head. neox_partial: Pythia's, RoPE over a quarter of each head, parallel residual."""
+    base = dict(vocab_size=V, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=128, rotary_pct=1.0, use_parallel_residual=False, tie_word_embeddings=False)
+    return transformers.GPTNeoXConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def neox(tmp_path_factory):
+    hf = randomize(transformers.GPTNeoXForCausalLM(tiny_neox_config()), seed=6)
+    return save(hf, tmp_path_factory.mktemp("neox")), hf
+
+
+@pytest.fixture(scope="module")
+def neox_partial(tmp_path_factory):
+    hf = randomize(transformers.GPTNeoXForCausalLM(tiny_neox_config(rotary_pct=0.25, use_parallel_residual=True,
+                                                                    rotary_emb_base=500.0)), seed=7)
+    return save(hf, tmp_path_factory.mktemp("neox_partial")), hf
+
+
 MOSAIC_NAMES = {"norm_1": "ln_1", "norm_2": "ln_2", "ffn.up_proj": "mlp.mlp_up", "ffn.down_proj": "mlp.mlp_down",
                 "norm_f": "ln_f"}
 
@@ -227,6 +248,21 @@ def test_mpt_older_mosaic_gpt_layout(mpt, tmp_path):
         finally:
             for h in handles:
                 h.remove()
+
+
+@pytest.mark.parametrize("which,pct,parallel", [("neox", 1.0, False), ("neox_partial", 0.25, True)])
+def test_neox_logits_and_loss(which, pct, parallel, request):
+    """transformers' GPTNeoXForCausalLM: q, k, v fused per head (de-interleaved on loading), RoPE over all or part
+    of each head, sequential or parallel residual, biases everywhere, an untied head."""
+    path, hf = request.getfixturevalue(which)
+    lm = LM.from_pretrained(path)
+    c = lm.config
+    assert (c.arch, c.rotary_pct, c.parallel_residual, c.tie_word_embeddings, c.max_context) == \
+        ("neox", pct, parallel, False, None)
+    x = ids(T=40)
+    with torch.no_grad():
+        close(lm(x)[0], hf(x).logits)
+        assert_close(lm(x[:, :-1], targets=x[:, 1:])[1], hf(x, labels=x).loss, rtol=1e-5, atol=1e-6)
 
 
 def test_alibi_slopes_match_reference():
@@ -458,7 +494,7 @@ def test_not_a_checkpoint(tmp_path):
 # KV cache
 
 
-@pytest.mark.parametrize("which", ["gpt2", "llama", "mpt"])
+@pytest.mark.parametrize("which", ["gpt2", "llama", "mpt", "neox_partial"])
 def test_kv_cache_matches_full_pass(which, request):
     path, _ = request.getfixturevalue(which)
     lm = LM.from_pretrained(path)

@@ -240,12 +240,14 @@ def test_finetune_an_openflamingo_checkpoint_on_a_folder(tmp_path, mpt_dir):
         assert torch.equal(v, before[k]) != trained, (k, trained)
 
 
-def test_same_logits_as_openflamingos_own_code(tmp_path):
+@pytest.mark.parametrize("arch", ["mpt", "neox"])
+def test_same_logits_as_openflamingos_own_code(tmp_path, arch):
     """OpenFlamingo 2.0.1's own code (pip install --no-deps -r requirements-reference.txt) builds a model from a
-    tiny CLIP and a tiny MPT with its create_model_and_transforms; its trained parts, drawn at random with the
-    gates open, are saved as its checkpoint.pt. from_openflamingo, given the same local files, gives the same
-    logits, for rows with 1 to 3 images and text before the first one (OpenFlamingo pads the images of a batch
-    to the most any row has; we encode only real ones)."""
+    tiny CLIP and a tiny LM with its create_model_and_transforms: an MPT (the 3B and 9B models) or a GPT-NeoX
+    with RedPajama-INCITE-3B's choices (the 4B models). Its trained parts, drawn at random with the gates open,
+    are saved as its checkpoint.pt. from_openflamingo, given the same local files, gives the same logits, for
+    rows with 1 to 3 images and text before the first one (OpenFlamingo pads the images of a batch to the most
+    any row has; we encode only real ones)."""
     import json
     import open_clip
 
@@ -255,9 +257,20 @@ def test_same_logits_as_openflamingos_own_code(tmp_path):
 
     torch.manual_seed(0)
     lm = tmp_path / "lm"
-    cfg = transformers.MptConfig(d_model=C, n_heads=4, n_layers=LAYERS, expansion_ratio=4, max_seq_len=128,
-                                 vocab_size=50432, no_bias=True, attn_config=dict(alibi=True, alibi_bias_max=8))
-    transformers.MptForCausalLM(cfg).save_pretrained(lm)
+    if arch == "mpt":
+        cfg = transformers.MptConfig(d_model=C, n_heads=4, n_layers=LAYERS, expansion_ratio=4, max_seq_len=128,
+                                     vocab_size=50432, no_bias=True, attn_config=dict(alibi=True, alibi_bias_max=8))
+        transformers.MptForCausalLM(cfg).save_pretrained(lm)
+    else:
+        cfg = transformers.GPTNeoXConfig(vocab_size=50432, hidden_size=C, intermediate_size=4 * C,
+                                         num_hidden_layers=LAYERS, num_attention_heads=4, rotary_pct=1.0,
+                                         use_parallel_residual=False, tie_word_embeddings=False)
+        hf = transformers.GPTNeoXForCausalLM(cfg)
+        with torch.no_grad():  # biases and norms away from 0 and 1, so that a dropped or misplaced one shows
+            for n, p in hf.named_parameters():
+                if p.dim() == 1:
+                    p.add_(0.1 * torch.randn(p.shape))
+        hf.save_pretrained(lm)
     neox_like(lm)  # lm/tokenizer.json; AutoTokenizer reads it as a fast tokenizer through this config
     json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"},
               open(lm / "tokenizer_config.json", "w"))
@@ -286,6 +299,10 @@ def test_same_logits_as_openflamingos_own_code(tmp_path):
 
     ours = Flamingo.from_openflamingo(str(tmp_path / "checkpoint.pt"), str(lm), clip="flamingo-tiny",
                                       clip_pretrained=str(tmp_path / "clip.pt"), verbose=False).eval()
+    if arch == "neox":  # its untied head's rows for the new tokens: drawn when OpenFlamingo resized it, never saved
+        V = ours.lm.config.vocab_size
+        with torch.no_grad():
+            ours.new_lm_head.copy_(ref.lang_encoder.get_output_embeddings().weight[V:])
     image = tok.encode("<image>")[-1]
     assert (ours.media_token_id, ours.eoc_token_id) == (image, tok.encode("<|endofchunk|>")[-1])
     rows = ["<image>a red circle<|endofchunk|><image>two squares<|endofchunk|><image>and a",
