@@ -284,12 +284,16 @@ def test_same_logits_as_openflamingos_own_code(tmp_path, arch):
     ref, _, tok = open_flamingo.create_model_and_transforms("flamingo-tiny", str(tmp_path / "clip.pt"), str(lm),
                                                            str(lm), cross_attn_every_n_layers=EVERY)
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
+    with torch.no_grad():  # the trained parts and the input embedding, all drawn afresh: gates open, norms near 1
         for name, p in ref.named_parameters():
-            if p.requires_grad:  # the trained parts and the input embedding: all drawn afresh, gates open
-                p.copy_(torch.rand(1, generator=g) * 2 - 1 if name.endswith("_gate") else
-                        (p.ndim == 1) + torch.randn(p.shape, generator=g) * 0.1 if "norm" in name or
-                        name.endswith(("ff.0.weight", "1.0.weight")) else torch.randn(p.shape, generator=g) * 0.1)
+            if not p.requires_grad:
+                continue
+            if name.endswith("_gate"):
+                p.copy_(torch.rand(1, generator=g) * 2 - 1)
+            elif "norm" in name or name.endswith(("ff.0.weight", "1.0.weight")):  # LayerNorms: weight ~1, bias ~0
+                p.copy_((p.ndim == 1) * (1 if name.endswith("weight") else 0) + torch.randn(p.shape, generator=g) * 0.1)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     trained = {k for k, p in ref.named_parameters() if p.requires_grad}
     torch.save({k: v for k, v in ref.state_dict().items() if k in trained}, tmp_path / "checkpoint.pt")
     # OpenFlamingo's models were trained on open_clip's patch tokens before ln_post (open_clip < 2.23); the
