@@ -237,6 +237,8 @@ else:
                      vision_stage)
         if ddp:
             dist.barrier()
+        torch.manual_seed(seed)  # stage 1 drew from the generator (on the master, if it ran at all): start again,
+        # so that the trained parts start alike whether stage 1 ran here or before, on every process
     model = Flamingo.from_pretrained(lm=lm, clip=clip, clip_pretrained=clip_pretrained, verbose=master, dtype=lm_dtype,
                                      **flamingo_options)
     checkpoint, iter_num, best_val_loss = None, 0, float("inf")

@@ -179,6 +179,20 @@ def test_bf16_fsdp_equals_gradient_accumulation(assets, tmp_path):
                                    atol=0)
 
 
+def test_stage_one_here_or_before_trains_alike(tmp_path):
+    """config/train_shapes.py makes its stand-ins (stage 1) when they are missing, and reuses them after: the run
+    that made them and a later one train the same stage 2 (stage 1's draws from the random generator do not leak
+    into the trained parts' initial weights)."""
+    pre = tmp_path / "pretrained"
+    args = ["config/train_shapes.py", f"--lm={pre / 'lm'}", f"--clip_pretrained={pre / 'vision.safetensors'}",
+            "--pretrain_lm_iters=3", "--pretrain_vision_iters=3", "--batch_size=4", "--eval_iters=1",
+            "--eval_interval=3", "--log_interval=1", "--max_iters=3"]
+    made = run_train(str(tmp_path / "made"), *args, f"--out_dir={tmp_path / 'made'}")  # after the config file's
+    assert (pre / "lm" / "stage1.json").exists()
+    reused = run_train(str(tmp_path / "reused"), *args, f"--out_dir={tmp_path / 'reused'}")
+    assert train_losses(made) == train_losses(reused) and val_losses(made) == val_losses(reused)
+
+
 def test_rows_longer_than_the_lms_positions_stop_at_the_start(assets, tmp_path):
     cmd = [sys.executable, "train.py", f"--out_dir={tmp_path}", *SMALL, *assets, "--block_size=600"]
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
