@@ -155,7 +155,8 @@ def apply_rope(x, cos, sin):
     """Rotate pairs (i, i + rd/2) of x (B, h, T, hd)'s first rd = cos.shape[-1] dims (all of them but in GPT-NeoX's
     partial rotary): the 'rotate half' layout of HF Llama and GPT-NeoX checkpoints."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # angles in fp32, applied in x's dtype (as HF does): a bf16
-    x, rest = x.split([cos.shape[-1], x.shape[-1] - cos.shape[-1]], dim=-1)  # LM would otherwise give fp32 q, k
+    # LM would otherwise give fp32 q, k next to a bf16 v
+    x, rest = x.split([cos.shape[-1], x.shape[-1] - cos.shape[-1]], dim=-1)  # (.., rd), (.., hd - rd): turned, kept
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x * cos + torch.cat((-x2, x1), dim=-1) * sin, rest], dim=-1)
 
@@ -380,7 +381,8 @@ class LM(nn.Module):
                             tie_word_embeddings=True)  # MPT always ties its output head to wte
         if mt == "gpt_neox":  # settings as older files name them (rotary_pct, ...) or transformers 5 (rope_parameters)
             rope = hf.get("rope_parameters") or {}
-            if hf.get("hidden_act", "gelu") != "gelu" or hf.get("rope_scaling") or not hf.get("attention_bias", True):
+            if hf.get("hidden_act", "gelu") != "gelu" or hf.get("rope_scaling") or not hf.get("attention_bias", True) \
+                    or rope.get("rope_type", "default") != "default":
                 raise NotImplementedError("GPT-NeoX with another activation than exact GELU, rope_scaling, or no biases")
             return LMConfig(arch="neox", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
                             n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"], n_inner=hf["intermediate_size"],

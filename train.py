@@ -410,7 +410,8 @@ def estimate_loss():
             images, idx, targets = get_batch(src.val, "val", k, j, n, 0, 1, src.batch_size)
             with autocast:
                 loss = loss_of(model.module if isinstance(model, DDP) else model, images, idx, targets)
-            acc[:, s, k] += torch.stack([loss * (targets != -1).sum(), (targets != -1).sum()])
+            n_targets = (targets != -1).sum()
+            acc[:, s, k] += torch.stack([loss * n_targets, n_targets])
     if ddp and not fsdp:
         dist.all_reduce(acc)  # each chunk's sums are on one process, zeros elsewhere
     model.train()
