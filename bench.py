@@ -7,17 +7,20 @@ Speed measurements, as ratios taken in one run (ours against a baseline on the s
 Generation at the shapes-world size (config/train_shapes.py) with random weights: a 4-shot task-by-example
 prompt (5 images) and 32 new tokens, greedy, batch 1. Features: CLIP ViT-B/32 (random weights, 224 px) and a
 tiny LM, training steps of 8 rows of 128 tokens on a folder of shapes captions (several images a row), with
-train.py's cache_vision_features (data.FeatureCache) and without.
+train.py's cache_vision_features (folders.FeatureCache) and without.
 """
 
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 import data
-from model import LM, LMConfig, Flamingo, save_pretrained
+import folders
+import shapes
+from lm import LM, LMConfig
+from model import Flamingo
+from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 what = "generate"  # or "features"
@@ -32,27 +35,27 @@ configure(globals())
 torch.manual_seed(0)
 if what == "features":
     with tempfile.TemporaryDirectory() as d:
-        save_pretrained(LM(LMConfig(arch="gpt2", vocab_size=257, n_layer=4, n_head=4, n_embd=64, block_size=512)), d)
+        LM(LMConfig(arch="gpt2", vocab_size=257, n_layer=4, n_head=4, n_embd=64, block_size=512)).save_pretrained(d)
         model = Flamingo.from_pretrained(lm=d, clip="ViT-B-32", clip_pretrained=None, resampler_depth=2,
                                          num_latents=16, xattn_heads=4, xattn_dim_head=32, verbose=False).to(device)
-        tok = data.get_tokenizer("bytes")
-        folder = data.write_shapes_folder(f"{d}/folder", "captions", n_train=64, n_test=0)
-        rows = data.FolderData(folder, "train", tok, 128, 224, log=lambda m: None)
+        tok = get_tokenizer("bytes")
+        folder = shapes.write_folder(f"{d}/folder", "captions", n_train=64, n_test=0)
+        rows = folders.FolderData(folder, "train", tok, 128, 224, log=lambda m: None, mean=model.vision.mean,
+                                  std=model.vision.std)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def seconds_per_step():
             t0 = time.perf_counter()
             for i in range(steps):
-                images, idx, targets = rows.get_batch(i, 0, 1, 0, 1, 8, model.vision.mean, model.vision.std)
-                kw = {"vision_features": images.to(device)} if rows.features else {"images": images.to(device)}
-                model(idx=idx.to(device), targets=targets.to(device), **{"images": None, **kw})[1].backward()
+                b = rows.batch(i, 0, 1, 0, 1, 8).to(device)
+                model(b.images, b.idx, b.targets, vision_features=b.vision_features)[1].backward()
                 opt.step()
                 opt.zero_grad()
-            return (time.perf_counter() - t0) / steps, len(images)
+            return (time.perf_counter() - t0) / steps, len(b.images if b.images is not None else b.vision_features)
 
         pixels, n = seconds_per_step()
         t0 = time.perf_counter()
-        rows.features = data.FeatureCache(f"{d}/features.npy", rows.image_paths(), lambda x: model.vision(x.to(device)),
+        rows.features = folders.FeatureCache(f"{d}/features.npy", rows.image_paths(), lambda x: model.vision(x.to(device)),
                                           224, "bench", model.vision.mean, model.vision.std, log=lambda m: None)
         build = time.perf_counter() - t0
         cached, _ = seconds_per_step()
@@ -63,18 +66,18 @@ if what == "features":
     print(f"speed-up: {pixels / cached:.1f}x")
     raise SystemExit
 with tempfile.TemporaryDirectory() as d:
-    save_pretrained(LM(LMConfig(arch="gpt2", vocab_size=257, n_layer=4, n_head=4, n_embd=64, block_size=512)), d)
+    LM(LMConfig(arch="gpt2", vocab_size=257, n_layer=4, n_head=4, n_embd=64, block_size=512)).save_pretrained(d)
     model = Flamingo.from_pretrained(lm=d, clip="shapes-vit", resampler_depth=2, resampler_heads=4,
                                      resampler_dim_head=32, num_latents=16, xattn_heads=4, xattn_dim_head=32)
 model.eval().to(device)
 for n, p in model.named_parameters():  # open the gates, so the blocks do their full work
     if n.endswith("_gate"):
         p.data.fill_(1.0)
-tok = data.get_tokenizer("bytes")
-text, imgs = data.shapes_sample("test", 0, 0, kind="task", n_chunks=5)
+tok = get_tokenizer("bytes")
+text, imgs = shapes.shapes_sample("test", 0, 0, kind="task", n_chunks=5)
 prompt = text[:text.rindex("Output:") + len("Output:")]  # the last answer dropped: 4 shots and a query
-images, idx, _ = data.collate([(prompt, imgs)], tok, 512)
-images, idx = images.to(device), idx.to(device)
+b = data.collate([(prompt, imgs)], tok, 512)
+images, idx = b.images.to(device), b.idx.to(device)
 
 
 def tokens_per_s(use_cache):

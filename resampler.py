@@ -13,7 +13,7 @@ features *concatenated with the latents themselves*. The paper's pseudo-code, fo
         x = x + ffw_i(x)
     return x                               # (R, D)
 
-Module names follow OpenFlamingo's (`latents`, `layers.{i}.0.to_q`, ...; DESIGN section 9) so
+Module names follow OpenFlamingo's (`latents`, `layers.{i}.0.to_q`, ...; its open_flamingo/src/helpers.py) so
 that its checkpoints load with a short key map.
 """
 

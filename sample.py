@@ -81,8 +81,8 @@ for path in image:
         fail(f"cannot read image {path}: {e}")
 
 import torch  # noqa: E402
-import data  # noqa: E402
 from model import load_model  # noqa: E402
+from tokenizer import get_tokenizer  # noqa: E402
 
 torch.manual_seed(seed)
 try:
@@ -90,12 +90,10 @@ try:
 except (RuntimeError, FileNotFoundError, ValueError) as e:  # offline, missing files: say what to do
     fail(str(e))
 model.eval().to(device)
-tok = data.get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
+tok = get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
 
 # images: CLIP's evaluation preprocessing (resize the short side, centre crop, normalise)
-import open_clip  # noqa: E402
-preprocess = open_clip.image_transform(model.vision.image_size, is_train=False, mean=model.vision.mean, std=model.vision.std)
-images = torch.stack([preprocess(im) for im in pil_images])[:, None].to(device)  # (N, 1, 3, H, W)
+images = torch.stack([model.vision.preprocess(im) for im in pil_images])[:, None].to(device)  # (N, 1, 3, H, W)
 idx = torch.tensor([tok.encode_markup(prompt)], device=device)  # (1, T)
 limit = model.lm.config.max_context  # GPT-2's learned positions, MPT's max_seq_len; None: no hard end
 if limit and idx.shape[1] >= limit:

@@ -1,21 +1,11 @@
 """
-Train a Flamingo: the resampler, the gated cross-attention blocks and the two new token rows, with the
-vision encoder and the LM frozen. One process:
+Train a Flamingo: the resampler, the gated cross-attention blocks and the new token rows, with the vision encoder
+and the LM frozen. One process, or several (DDP or FSDP) on one node or many through torchrun's environment:
 
     python train.py config/train_shapes.py
-
-Several processes (DDP), on one node or many, through torchrun's environment variables:
-
     torchrun --standalone --nproc_per_node=8 train.py config/train_shapes.py
-
-The sizes and memory per GPU of a config, offline, in seconds, without reading a weight or training:
-
-    python train.py config/9b.py --dry_run=True
-
-Fine-tuning on a folder of your own (captions, questions, documents; data.read_folder), from this project's
-checkpoint or an OpenFlamingo one:
-
-    python train.py config/finetune_folder.py --data_dir=my_folder --init_from=out-shapes
+    python train.py config/9b.py --dry_run=True          # sizes and memory per GPU: offline, no weight read
+    python train.py config/finetune_folder.py --data_dir=my_folder --init_from=out-shapes   # your own data
 
 `gradient_accumulation_steps` is per process: the global batch is batch_size * gradient_accumulation_steps
 * world_size samples, and its content depends only on the data seed and the step, so 2 processes with
@@ -36,7 +26,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from model import LM, Flamingo, FlamingoConfig, LMConfig, load_model
+import folders
+from lm import LM
+from model import Flamingo, FlamingoConfig, load_model
+from pretrain_shapes import lm_config as pretrain_shapes_lm_config, pretrain
+from shards import ShardStream
+from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 # default config values (a config file and --key=value overrides change them: configurator.py)
@@ -46,9 +41,8 @@ eval_interval = 200
 log_interval = 10
 eval_iters = 10               # validation batches per evaluation
 always_save_checkpoint = True  # at every eval, else only when the validation loss improves
-init_from = "scratch"         # "scratch" builds from lm/clip; "resume" continues out_dir/ckpt.pt; else fine-tune
-                              # from a checkpoint: an out_dir of train.py (or its ckpt.pt), or OpenFlamingo's
-                              # ("openflamingo/<name>", or a local checkpoint.pt with lm = its LM's directory)
+init_from = "scratch"         # "scratch" builds from lm/clip; "resume" continues out_dir/ckpt.pt; else fine-tune from an
+                              # out_dir of train.py, or OpenFlamingo's "openflamingo/<name>" or checkpoint.pt (and lm)
 wandb_log = False
 wandb_project = "flamingo"
 wandb_run_name = "run"
@@ -66,11 +60,11 @@ tokenizer = "bytes"
 batch_size = 16               # per micro-step and process
 gradient_accumulation_steps = 1  # per process
 block_size = 256
-pack = True                   # pack several samples into each row of block_size tokens (data.packed_sample)
+pack = True                   # pack several samples into each row of block_size tokens (shapes.packed_sample)
 # model (see model.FlamingoConfig)
-lm = ""                       # LM.from_pretrained path or hub id
+lm = ""                       # LM.from_pretrained path or hub id ("" with pretrain_shapes: out_dir/pretrained/lm)
 clip = "ViT-B-32"             # open_clip model name
-clip_pretrained = None        # open_clip tag or weights file
+clip_pretrained = None        # open_clip tag or weights file (None with pretrain_shapes: out_dir/pretrained/...)
 pretrain_shapes = False       # make lm and clip_pretrained first if missing (pretrain_shapes.py)
 pretrain_lm_iters = 600
 pretrain_vision_iters = 500
@@ -118,78 +112,55 @@ from configurator import configure  # noqa: E402
 config = configure(globals())
 lr_decay_iters = lr_decay_iters or max_iters
 min_lr = learning_rate / 10 if min_lr is None else min_lr
-flamingo_options = dict(cross_attn_every_n_layers=cross_attn_every_n_layers,
-    cross_attn_from_layer=cross_attn_from_layer, resampler_depth=resampler_depth, resampler_heads=resampler_heads,
-    resampler_dim_head=resampler_dim_head, num_latents=num_latents, max_num_frames=max_num_frames,
-    xattn_heads=xattn_heads, xattn_dim_head=xattn_dim_head, xattn_ff_mult=xattn_ff_mult,
-    only_attend_immediate_media=only_attend_immediate_media, freeze_lm=freeze_lm, freeze_vision=freeze_vision,
-    vision_ln_post=vision_ln_post, vision_stage=vision_stage, train_lm_layers=train_lm_layers,
-    train_lm_embeddings=train_lm_embeddings)
+if pretrain_shapes:  # the shapes world's stand-ins for a pretrained LM and CLIP live in the run's out_dir
+    lm = config["lm"] = lm or os.path.join(out_dir, "pretrained", "lm")
+    clip_pretrained = config["clip_pretrained"] = clip_pretrained or os.path.join(out_dir, "pretrained", "vision.safetensors")
+flamingo_options = {f: globals()[f] for f in FlamingoConfig.__dataclass_fields__  # the model keys above
+                    if f not in ("lm", "clip", "clip_pretrained", "new_tokens", "openflamingo")}
 finetune = init_from not in ("scratch", "resume")
 listed = lambda v, cast: [cast(x) for x in (  # noqa: E731  "a,b" (command line), a tuple (config file) or one value
     v.split(",") if isinstance(v, str) else v if isinstance(v, (list, tuple)) else [v])]
-folders = listed(data_dir or [], str) if dataset == "folder" else []
-weights = listed(data_weights, float) if data_weights is not None else [1.0] * len(folders)
-sizes = listed(data_batch_sizes, int) if data_batch_sizes is not None else [batch_size] * len(folders)
+specs = listed(data_dir or [], str) if dataset == "folder" else ["shapes"]  # the data sources, below
+weights = listed(data_weights, float) if data_weights is not None else [1.0] * len(specs)
+sizes = listed(data_batch_sizes, int) if data_batch_sizes is not None else [batch_size] * len(specs)
 # -----------------------------------------------------------------------------
-# --dry_run=True: the model built on the meta device (no weights read or allocated), its sizes and an estimate of
-# the memory per GPU of this run; then exit, before any data, optimizer or training.
+# --dry_run=True: the model on the meta device (nothing read or allocated), its sizes and memory per GPU; then exit
 if dry_run:
-    if finetune:  # the model a checkpoint of ours describes, with this run's train_lm_layers
+    if finetune:  # the model this project's checkpoint describes, with this run's train_lm_layers and _embeddings
         path = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) else init_from
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if os.path.isfile(path) else {}
         if "flamingo_config" not in saved:
             sys.exit(f"--dry_run=True with init_from={init_from!r}: dry runs read this project's checkpoints only")
-        flamingo_options = {k: v for k, v in saved["flamingo_config"].items() if k not in ("lm", "clip", "clip_pretrained")}
+        flamingo_options = dict(saved["flamingo_config"])
+        lm, clip, clip_pretrained = (flamingo_options.pop(k) for k in ("lm", "clip", "clip_pretrained"))
         flamingo_options["train_lm_layers"] = max(train_lm_layers, flamingo_options.get("train_lm_layers", 0))
         flamingo_options["train_lm_embeddings"] = train_lm_embeddings or flamingo_options.get("train_lm_embeddings", False)
-        lm, clip, clip_pretrained = (saved["flamingo_config"][k] for k in ("lm", "clip", "clip_pretrained"))
-        lm_config = LM.config_of(lm)
-    elif pretrain_shapes and not os.path.exists(os.path.join(lm, "config.json")):
-        # stage 1 has not run yet (and does not run here): the GPT-2 that pretrain_shapes.pretrain_lm would make
-        # (tests/test_dry_run.py checks that the two agree)
+    if pretrain_shapes and not finetune and not os.path.exists(os.path.join(lm, "config.json")):
         print(f"{lm} does not exist yet: counting the LM that stage 1 (pretrain_shapes.py) would make")
-        lm_config = LMConfig(arch="gpt2", vocab_size=data.get_tokenizer(tokenizer).base_n_vocab, n_layer=4, n_head=4,
-                             n_embd=64, block_size=512)
+        lm_config = pretrain_shapes_lm_config(tokenizer)
     else:
-        lm_config = LM.config_of(lm)  # a local config.json, else model.KNOWN_LMS: no download
+        lm_config = LM.config_of(lm)  # a local config.json, else hf.KNOWN_LMS: no download
     with torch.device("meta"):  # prints the parameters of each part
         model = Flamingo.from_config(FlamingoConfig(lm=lm, clip=clip, clip_pretrained=clip_pretrained,
                                                     **flamingo_options), lm_config, verbose=True)
     trained, frozen = model.parameter_counts()["total"]
-    # Memory per GPU, a rough estimate in GB (1e9 bytes). Weights: the frozen ones in the autocast dtype (b bytes: 2
-    # for bf16, 4 for fp32: the LM is read in that dtype; the vision tower stays fp32, counted at b too), the trained
-    # ones 16 bytes each (fp32 weight, gradient and AdamW's 2 tensors); FSDP shards all of them over the processes,
-    # DDP keeps a whole copy on each (its gradient buckets not counted). Activations kept for the backward pass, in
-    # the autocast dtype, for BT = batch_size x block_size tokens of width C: about 16 values per token and unit of
-    # width in each LM layer and each gated block (Korthikanti et al. 2022, "Reducing Activation Recomputation",
-    # without dropout and with fused attention: no T x T matrix); with activation checkpointing only each layer's
-    # input (1 value) plus one LM layer and gated block recomputed (32); plus the logits, BT x (V + 2), in fp32 for
-    # the loss and its gradient (8 bytes). Left out: the resampler's activations (small next to the LM's at a few
-    # images per row), the frozen vision encoder (no gradients), CUDA's own overhead.
-    b = 4 if dtype == "float32" else 2
-    ws = dry_run_world_size if fsdp else 1
-    rows = max(sizes or [batch_size])  # a mix runs its sources one after the other: the largest batch counts
-    BT, C, L = rows * block_size, lm_config.n_embd, lm_config.n_layer
-    weights_gb = (frozen * b + trained * 16) / ws / 1e9
-    values = L + 32 if activation_checkpointing else 16 * (L + len(model.xattn))  # (BT, C) values per token
-    acts_gb = (values * BT * C * b + BT * (lm_config.vocab_size + 2) * 8) / 1e9
+    ws, rows = dry_run_world_size if fsdp else 1, max(sizes)  # a mix runs its sources in turn: the largest counts
+    weights_gb, acts_gb = model.memory_estimate(rows * block_size, 4 if dtype == "float32" else 2, ws,
+                                                activation_checkpointing)
     mem = weights_gb + acts_gb
     print(f"memory per GPU ({f'FSDP over {ws}' if fsdp else 'DDP'}, {dtype}, batch {rows} x {block_size} "
           f"tokens{', activation checkpointing' if activation_checkpointing else ''}): "
           f"weights {weights_gb:.2f} GB + activations {acts_gb:.2f} GB = {mem:.2f} GB (a rough estimate)")
     print(json.dumps({"total_params": trained + frozen, "trained_params": trained, "memory_per_gpu_gb": round(mem, 2)}))
     sys.exit(0)
-if fsdp and int(os.environ.get("RANK", -1)) == -1:
+if fsdp and int(os.environ.get("RANK", -1)) == -1:  # then the run's own checks, before anything is loaded
     sys.exit("fsdp=True shards over processes: start train.py with torchrun (README, Scaling up)")
 if dataset not in ("shapes", "folder"):
     raise NotImplementedError(f"dataset {dataset!r}: train.py reads the shapes world and folders so far")
-if dataset == "folder":
-    if not folders or len(weights) != len(folders) or len(sizes) != len(folders):
-        raise ValueError(f"dataset 'folder' needs data_dir (a folder, or several 'a,b') and one weight and batch size "
-                         f"per source: got data_dir={data_dir!r}, data_weights={data_weights!r}, "
-                         f"data_batch_sizes={data_batch_sizes!r}")
-# -----------------------------------------------------------------------------
+if not specs or len(weights) != len(specs) or len(sizes) != len(specs):
+    raise ValueError(f"dataset 'folder' needs data_dir (a folder, or several 'a,b') and one weight and batch size "
+                     f"per source: got data_dir={data_dir!r}, data_weights={data_weights!r}, "
+                     f"data_batch_sizes={data_batch_sizes!r}")
 
 ddp = int(os.environ.get("RANK", -1)) != -1
 if ddp:
@@ -208,31 +179,29 @@ os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)  # the same initial weights on every process
 device_type = "cuda" if "cuda" in device else "cpu"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-# the frozen LM is read in the autocast dtype, each tensor cast as its shard is read (model.load_hf_state_dict), so
-# MPT-7B's fp32 shards are never held whole in fp32. What is trained is kept in fp32 (Flamingo.unfreeze_lm_layers;
-# an LM part trained too, train_lm_layers or train_lm_embeddings, starts from its bf16-rounded weights).
+# the frozen LM is read in the autocast dtype, each tensor cast as its shard is read (hf.load_state_dict); what is
+# trained is kept in fp32 (Flamingo.unfreeze_lm_layers; a trained LM part starts from its bf16-rounded weights)
 lm_dtype = None if dtype == "float32" else ptdtype
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 # model
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
+checkpoint, iter_num, best_val_loss = None, 0, float("inf")
 if init_from == "resume":
     model, checkpoint = Flamingo.from_checkpoint(ckpt_path, verbose=master, dtype=lm_dtype)
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
     tokenizer = config["tokenizer"] = checkpoint["config"]["tokenizer"]
 elif finetune:  # the model and its tokenizer as the checkpoint has them: this config's model keys do not apply
-    ours = os.path.isfile(os.path.join(init_from, "ckpt.pt")) or os.path.basename(init_from) == "ckpt.pt"
-    if not ours and not lm and not init_from.startswith("openflamingo/"):
+    from_ours = os.path.isfile(os.path.join(init_from, "ckpt.pt")) or os.path.basename(init_from) == "ckpt.pt"
+    if not from_ours and not lm and not init_from.startswith("openflamingo/"):
         sys.exit(f"init_from={init_from!r}: not an out_dir of train.py (no ckpt.pt); an OpenFlamingo checkpoint.pt "
                  "also needs lm=<its LM's directory>")
-    model, tokenizer = load_model(init_from, "" if ours else lm, clip, clip_pretrained, lm_dtype, verbose=master)
+    model, tokenizer = load_model(init_from, "" if from_ours else lm, clip, clip_pretrained, lm_dtype, verbose=master)
     model.unfreeze_lm_layers(train_lm_layers, train_lm_embeddings)
     config["tokenizer"] = tokenizer
-    checkpoint, iter_num, best_val_loss = None, 0, float("inf")
 else:
-    if pretrain_shapes:  # the shapes world's stand-ins for a pretrained LM and CLIP
+    if pretrain_shapes:  # stage 1: the stand-ins, made once
         if master:
-            from pretrain_shapes import pretrain
             pretrain(lm, clip_pretrained, tokenizer, pretrain_lm_iters, pretrain_vision_iters, seed, clip,
                      vision_stage)
         if ddp:
@@ -241,91 +210,60 @@ else:
         # so that the trained parts start alike whether stage 1 ran here or before, on every process
     model = Flamingo.from_pretrained(lm=lm, clip=clip, clip_pretrained=clip_pretrained, verbose=master, dtype=lm_dtype,
                                      **flamingo_options)
-    checkpoint, iter_num, best_val_loss = None, 0, float("inf")
 model.to(device)
 model.activation_checkpointing = activation_checkpointing
-tok = data.get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
+tok = get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
 if model.lm.config.max_context and block_size > model.lm.config.max_context:  # GPT-2's positions, MPT's max_seq_len
     sys.exit(f"block_size {block_size} is longer than the LM's {model.lm.config.max_context} positions")
 assert (tok.image_id, tok.eoc_id) == (model.media_token_id, model.eoc_token_id)
-mean, std = model.vision.mean, model.vision.std
+mean, std, size = model.vision.mean, model.vision.std, model.vision.image_size
+size = size if isinstance(size, int) else size[0]
 
-# the data: sources. The shapes world is one source; folders and tar shards are one each, and every optimizer step
-# takes a batch from each and adds their losses with their weights, as OpenFlamingo mixes LAION and MMC4. A
-# folder's validation rows come from its val.jsonl, else test.jsonl (for watching the loss only: with
-# always_save_checkpoint=False it also picks the checkpoint kept); shards have none. train and val are "shapes",
-# a data.FolderData or a data.ShardStream (train only); batch_size is the source's rows per micro-step.
+# The data: sources, each with batch(step, micro_step, grad_accum, rank, world_size, batch_size) -> data.Batch: the
+# shapes world, folders, tar shards. Every step takes a batch of each and adds their losses with their weights, as
+# OpenFlamingo mixes LAION and MMC4. Validation rows: the shapes world's, a folder's val.jsonl or test.jsonl; none.
 Source = namedtuple("Source", "name weight train val batch_size")
-if dataset == "shapes":
-    sources = [Source("shapes", 1.0, "shapes", "shapes", batch_size)]
-else:
-    say = print if master else (lambda msg: None)  # noqa: E731
-    size = model.vision.image_size
-    size = size if isinstance(size, int) else size[0]
-    sources = []
-    for i, (folder, weight, bs) in enumerate(zip(folders, weights, sizes)):
-        if folder == "shapes":  # the shapes world as one source of the mix: fine-tuning that keeps what it knew
-            sources.append(Source("shapes", weight, "shapes", "shapes", bs))
-            continue
-        if folder.startswith(("pairs:", "docs:")):  # tar shards: a stream per rank (data.ShardStream)
-            kind, pattern = folder.split(":", 1)
-            try:
-                stream = data.ShardStream(kind, pattern, tok, block_size, size, rank, world_size, num_workers,
-                                          shuffle_buffer, data_seed + i, log=say)
-            except ValueError as e:
-                sys.exit(f"data_dir {folder!r}: {e}")
-            stream.skip(iter_num * gradient_accumulation_steps * bs)  # a resumed run: what was already trained on
-            sources.append(Source(folder, weight, stream, None, bs))
-            continue
-        val_split = next((s for s in ("val", "test") if os.path.isfile(os.path.join(folder, f"{s}.jsonl"))), None)
-        try:  # a folder with nothing usable stops the run here, with the reason, not after hours of training
-            rows = [data.FolderData(folder, split, tok, block_size, size, data_seed + i, say, check_images=not ddp)
-                    if split else None for split in ("train", val_split)]
-            if ddp:  # each rank decodes a share of the images, and all drop what any rank could not decode
-                found = [None] * world_size
-                dist.all_gather_object(found, data.undecodable(rows, rank, world_size, progress=master))
-                for r in filter(None, rows):
-                    r.drop_images({p: why for d in found for p, why in d.items()})
-        except (OSError, ValueError) as e:
-            sys.exit(f"dataset folder {folder!r}: {e}")
-        say(f"{folder}: train {rows[0].summary()}; validation: {rows[1].summary() if rows[1] else 'none'}"
-            f"{f' ({val_split}.jsonl)' if rows[1] else ''}; loss weight {weight}")
-        sources.append(Source(folder, weight, *rows, bs))
-    # The frozen tower's output for every folder image, computed once (by the master, before any sharding) and
-    # kept in out_dir as a memmap: later epochs, and resumed runs, skip the tower (README, "Speed").
-    folder_rows = [rows for src in sources for rows in (src.train, src.val) if isinstance(rows, data.FolderData)]
-    if cache_vision_features and folder_rows:
-        if not model.config.freeze_vision:
-            sys.exit("cache_vision_features needs a frozen vision tower (freeze_vision=True)")
-        fingerprint = sum(p.double().sum().item() for p in model.vision.parameters())  # which weights
-        key = f"{model.config.clip}|{model.config.clip_pretrained}|{model.config.vision_ln_post}|" \
-              f"{model.config.vision_stage}|{size}|{fingerprint:.9e}"
-        cache_args = (os.path.join(out_dir, "vision_features.npy"), [p for r in folder_rows for p in r.image_paths()],
-                      lambda x: model.vision(x.to(device)), size, key, mean, std)
-        if master:
-            cache = data.FeatureCache(*cache_args, dtype=np.float32 if dtype == "float32" else np.float16, log=say)
-        if ddp:
-            dist.barrier()
-        if not master:  # the master's file, read (its key matches)
-            cache = data.FeatureCache(*cache_args, log=say)
-        for rows in folder_rows:
-            rows.features = cache
+say = print if master else (lambda msg: None)  # noqa: E731
 
-# FSDP (PyTorch's fully_shard): each LM layer, each gated block (its cross-attention apart, whose media_kv
-# generation and encode_media call outside its forward), the resampler and the vision tower become units whose
-# weights, gradients and optimizer state are split over the processes and gathered one unit at a time; the root
-# keeps the rest (embeddings, head, new token rows). Weights become DTensors: checkpoints gather them whole.
-if fsdp:
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    for unit in model.lm.transformer.h:
-        fully_shard(unit)
-    for blk in model.xattn.values():
-        fully_shard(blk.attn)
-        register_fsdp_forward_method(blk.attn, "media_kv")
-        fully_shard(blk)
-    fully_shard(model.perceiver)
-    fully_shard(model.vision)
-    fully_shard(model)
+
+def open_source(i, spec, weight, bs):
+    if spec == "shapes":  # the offline world; in a mix, fine-tuning that keeps what the model knew
+        train, val = (data.ShapesData(split, data_seed, tok, block_size, mean, std, pack) for split in ("train", "val"))
+        return Source("shapes", weight, train, val, bs)
+    if spec.startswith(("pairs:", "docs:")):  # tar shards: a stream per rank
+        kind, pattern = spec.split(":", 1)
+        try:
+            stream = ShardStream(kind, pattern, tok, block_size, size, rank, world_size, num_workers, shuffle_buffer,
+                                 data_seed + i, log=say, mean=mean, std=std)
+        except ValueError as e:
+            sys.exit(f"data_dir {spec!r}: {e}")
+        stream.skip(iter_num * gradient_accumulation_steps * bs)  # a resumed run: what was already trained on
+        return Source(spec, weight, stream, None, bs)
+    try:  # a folder with nothing usable stops the run here, with the reason, not after hours of training
+        train, val, val_split = folders.open_folder(spec, tok, block_size, size, data_seed + i, say, mean, std, rank,
+                                                    world_size, dist.all_gather_object if ddp else None)
+    except (OSError, ValueError) as e:
+        sys.exit(f"dataset folder {spec!r}: {e}")
+    say(f"{spec}: train {train.summary()}; validation: {f'{val.summary()} ({val_split}.jsonl)' if val else 'none'}; "
+        f"loss weight {weight}")
+    return Source(spec, weight, train, val, bs)
+
+
+sources = [open_source(i, spec, weight, bs) for i, (spec, weight, bs) in enumerate(zip(specs, weights, sizes))]
+# the frozen tower's output for every folder image, computed once and kept in out_dir: later epochs skip the tower
+folder_rows = [rows for src in sources for rows in (src.train, src.val) if isinstance(rows, folders.FolderData)]
+if cache_vision_features and folder_rows:
+    if not model.config.freeze_vision:
+        sys.exit("cache_vision_features needs a frozen vision tower (freeze_vision=True)")
+    fingerprint = sum(p.double().sum().item() for p in model.vision.parameters())  # which weights
+    key = f"{model.config.clip}|{model.config.clip_pretrained}|{model.config.vision_ln_post}|" \
+          f"{model.config.vision_stage}|{size}|{fingerprint:.9e}"
+    folders.share_feature_cache(folder_rows, os.path.join(out_dir, "vision_features.npy"),
+                                lambda x: model.vision(x.to(device)), size, key, mean, std,
+                                np.float32 if dtype == "float32" else np.float16, master, dist.barrier if ddp else None, say)
+
+if fsdp:  # weights, gradients and optimizer state split over the processes (Flamingo.fully_shard)
+    model.fully_shard()
 
 
 def whole(sd):
@@ -339,19 +277,8 @@ def optimizer_state():
     return {**sd, "state": {i: whole(st) for i, st in sd["state"].items()}} if fsdp else sd
 
 
-# optimizer: weight decay on the trained matrices only (not on norms, gates, latents or token tables: OpenFlamingo
-# decays none of its embedding);
-# the gates may learn faster (gate_lr_mult): with Adam a gate moves at most ~lr per step, and a short run
-# needs them open long before the paper's 500k steps would open them
-named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-params = [p for _, p in named]
-is_gate = lambda n: n.endswith(("attn_gate", "ff_gate"))  # noqa: E731
-is_decay = lambda n, p: p.dim() >= 2 and not any(s in n for s in ("latents", "new_", "wte"))  # noqa: E731
-optimizer = torch.optim.AdamW([
-    {"params": [p for n, p in named if is_decay(n, p)], "weight_decay": weight_decay},
-    {"params": [p for n, p in named if not is_decay(n, p) and not is_gate(n)], "weight_decay": 0.0},
-    {"params": [p for n, p in named if is_gate(n)], "weight_decay": 0.0, "lr_mult": gate_lr_mult},
-], lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
+optimizer = model.configure_optimizer(learning_rate, weight_decay, (beta1, beta2), gate_lr_mult, device_type == "cuda")
+params = [p for p in model.parameters() if p.requires_grad]  # (what the gradient norm is clipped over)
 if checkpoint is not None:
     if fsdp:  # every process read the whole state; each keeps the shard of each tensor that its weights have
         from torch.distributed.tensor import distribute_tensor
@@ -372,23 +299,9 @@ if ddp and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 
-def get_batch(rows, split, step, micro_step, n_micro=gradient_accumulation_steps, r=rank, ws=world_size, bs=batch_size):
-    if rows == "shapes":
-        images, idx, targets = data.get_batch(split, data_seed, step, micro_step, n_micro, r, ws, bs,
-                                              tok, block_size, mean, std, pack=pack)
-    elif isinstance(rows, data.ShardStream):  # the next rows of this rank's stream
-        images, idx, targets = rows.get_batch(bs, mean, std)
-    else:  # a folder's rows (data.FolderData)
-        images, idx, targets = rows.get_batch(step, micro_step, n_micro, r, ws, bs, mean, std)
-    to = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-    return to(images), to(idx), to(targets)
-
-
-def loss_of(m, images, idx, targets):
-    """The loss of a batch; `images` may be the tower's cached features (N, 1, S, D) instead of pixels."""
-    if images is not None and images.ndim == 4:
-        return m(None, idx, targets, vision_features=images)[1]
-    return m(images, idx, targets)[1]
+def loss_of(m, b):
+    """The loss of a data.Batch: its pixels, or the tower's cached output for them (vision_features)."""
+    return m(b.images, b.idx, b.targets, vision_features=b.vision_features)[1]
 
 
 @torch.no_grad()
@@ -407,10 +320,10 @@ def estimate_loss():
     for s, src in enumerate(val):
         for c in range(0 if fsdp else rank, eval_iters * n, 1 if fsdp else world_size):
             k, j = divmod(c, n)  # batch k's chunk j: the rows batch_indices gives micro-step j of 1 process
-            images, idx, targets = get_batch(src.val, "val", k, j, n, 0, 1, src.batch_size)
+            b = src.val.batch(k, j, n, 0, 1, src.batch_size).to(device)
             with autocast:
-                loss = loss_of(model.module if isinstance(model, DDP) else model, images, idx, targets)
-            n_targets = (targets != -1).sum()
+                loss = loss_of(model.module if isinstance(model, DDP) else model, b)
+            n_targets = (b.targets != -1).sum()
             acc[:, s, k] += torch.stack([loss * n_targets, n_targets])
     if ddp and not fsdp:
         dist.all_reduce(acc)  # each chunk's sums are on one process, zeros elsewhere
@@ -484,14 +397,14 @@ while True:
     # loss is the mean over the target tokens of its whole global batch (all micro-steps of all processes), however
     # that batch is split: the micro-batches are read first and their target tokens counted over the processes,
     # then each adds its tokens' summed loss / that count (x world_size: DDP and FSDP average the gradients).
-    batches = [[get_batch(src.train, "train", iter_num, m, bs=src.batch_size) for src in sources]
-               for m in range(gradient_accumulation_steps)]
-    counts = torch.stack([torch.stack([(t != -1).sum() for _, _, t in b]) for b in batches]).sum(0).float()  # (S,)
+    batches = [[src.train.batch(iter_num, m, gradient_accumulation_steps, rank, world_size, src.batch_size).to(device)
+                for src in sources] for m in range(gradient_accumulation_steps)]
+    counts = torch.stack([torch.stack([(b.targets != -1).sum() for b in bs]) for bs in batches]).sum(0).float()  # (S,)
     if ddp:
         dist.all_reduce(counts)
     loss_sum = torch.zeros(len(sources), device=device)  # each source's loss, times its weight
-    for micro_step, batch in enumerate(batches):
-        for s, (src, (images, idx, targets)) in enumerate(zip(sources, batch)):
+    for micro_step, bs in enumerate(batches):
+        for s, (src, b) in enumerate(zip(sources, bs)):
             last = micro_step == gradient_accumulation_steps - 1 and s == len(sources) - 1
             if fsdp:  # reduce-scatter the gradients on the last backward pass of the step only
                 raw_model.set_requires_gradient_sync(last)
@@ -499,7 +412,7 @@ while True:
                 model.require_backward_grad_sync = last
             with autocast:
                 # (1 micro-batch on 1 process: a ratio of exactly 1, the plain mean loss bit for bit)
-                share = loss_of(model, images, idx, targets) * ((targets != -1).sum() / counts[s].clamp(min=1))
+                share = loss_of(model, b) * ((b.targets != -1).sum() / counts[s].clamp(min=1))
             (src.weight * share * world_size).backward()
             loss_sum[s] += src.weight * share.detach()
     if grad_clip:
@@ -526,7 +439,7 @@ while True:
                 wandb.log({"iter": iter_num, "train/loss": loss_total, "lr": lr, **g})
 
 for src in sources:
-    if master and isinstance(src.train, data.FolderData) and src.train.skipped:
+    if master and isinstance(src.train, folders.FolderData) and src.train.skipped:
         print(f"{src.name}: {src.train.summary()}")
 if ddp:  # a clean exit: a process group torn down at interpreter exit (still held by DDP's reducer or FSDP's
     # units, or left while the master still wrote its checkpoint) can abort the process after a good run

@@ -1,4 +1,4 @@
-# Flamingo-9B with OpenFlamingo-9B's layout (DESIGN sections 7 and 9): CLIP ViT-L/14 and a 7B LM, both frozen, a
+# Flamingo-9B with OpenFlamingo-9B's layout (its paper, section 3): CLIP ViT-L/14 and a 7B LM, both frozen, a
 # GATED XATTN-DENSE block before every 4th LM layer. Sizes and memory per GPU, offline, in seconds:
 #
 #   python train.py config/9b.py --dry_run=True
@@ -15,12 +15,12 @@ log_interval = 10
 
 # The frozen LM: OpenFlamingo-9B's MPT-7B ("anas-awadalla/mpt-7b": d 4096, 32 layers, ALiBi, vocabulary padded to
 # 50432 rows) with GPT-NeoX's tokenizer (its tokenizer.json, converted to tiktoken). Its architecture is in
-# model.KNOWN_LMS, so the dry run builds it without the hub; training downloads it (or takes a local directory).
+# hf.KNOWN_LMS, so the dry run builds it without the hub; training downloads it (or takes a local directory).
 lm = "anas-awadalla/mpt-7b"
 tokenizer = "anas-awadalla/mpt-7b"  # a local directory holding tokenizer.json once downloaded
 
 # The frozen vision encoder: CLIP ViT-L/14 with OpenAI's weights (width 1024, 16 x 16 = 256 patch tokens at 224 px),
-# its patch tokens taken before the final LayerNorm as OpenFlamingo's models saw them (DESIGN section 9).
+# its patch tokens taken before the final LayerNorm as OpenFlamingo's models saw them (vision.py).
 clip = "ViT-L-14"
 clip_pretrained = "openai"
 vision_ln_post = False
@@ -37,10 +37,10 @@ xattn_heads = 8
 xattn_dim_head = 64
 # and, as OpenFlamingo trains it (its freeze_lm_embeddings=False), the LM's whole input table: MPT-7B's 50432 x 4096
 # rows, tied to its head (206.6M more trained, 1.39B in all, OpenFlamingo-9B's "1.4B"). The new token rows are
-# trained whatever this says; False keeps every original LM weight as it was (DESIGN section 3, the default).
+# trained whatever this says; False keeps every original LM weight as it was (Flamingo's own choice, the default).
 train_lm_embeddings = True
 
-# Data: LAION-2B pairs and MMC4 documents (DESIGN section 7) as webdataset tar shards (img2dataset's layout for
+# Data: LAION-2B pairs and MMC4 documents (shards.py) as webdataset tar shards (img2dataset's layout for
 # LAION; MMC4's documents with their images), mixed as OpenFlamingo mixes them: every step a batch of each, their
 # losses weighted 0.2 and 1.0, the pair batch twice the document batch. Rows of 256 tokens (OpenFlamingo's MMC4
 # limit; pairs are packed several to a row). Per GPU 16 + 8 rows x 4 micro-steps: 8 GPUs make global batches of

@@ -1,6 +1,6 @@
 # Fine-tune a trained Flamingo on a folder of your own data (README, "Your own data").
 #
-#   python data.py folder data/size vqa size                           # an example folder, from the shapes world
+#   python shapes.py folder data/size vqa size                         # an example folder, from the shapes world
 #   python train.py config/finetune_folder.py                           # fine-tune the shapes model on it
 #   python eval.py --init_from=out-finetune --task=vqa --data_dir=data/size --shots=0,4
 #

@@ -1,13 +1,13 @@
-# A toy COCO run on a laptop (DESIGN section 1, use 1): OpenAI's CLIP ViT-B/32 and GPT-2 (124M), both pretrained and
+# A toy COCO run on a laptop: OpenAI's CLIP ViT-B/32 and GPT-2 (124M), both pretrained and
 # frozen; the resampler, the gated blocks and the two new token rows learn to caption COCO images.
 #
-#   python data.py coco --max_images=5000                   # COCO captions as a dataset folder, data/coco (once)
+#   python download.py coco --max_images=5000              # COCO captions as a dataset folder, data/coco (once)
 #   python train.py config/train_coco_tiny.py --dry_run=True   # sizes and memory: offline, no data, seconds
 #   python train.py config/train_coco_tiny.py                  # the run (downloads GPT-2 and CLIP once)
 #   python eval.py --init_from=out-coco-tiny --task=captions --data_dir=data/coco --shots=0,4
 #
 # Measured offline, on this project's shared 2-core CPU, with stand-ins of the same shapes (random GPT-2 124M and
-# ViT-B/32 weights, a byte-level BPE of ~10 tokens a caption, 400 COCO-sized JPEGs fetched by `python data.py coco`
+# ViT-B/32 weights, a byte-level BPE of ~10 tokens a caption, 400 COCO-sized JPEGs fetched by `python download.py coco`
 # from a local server): 4.7 s a step running the tower on the pixels, 3.3 s with its features cached (below; 24 s to
 # cache 450 images), the same losses. So 1500 steps take about 1 h 25 min there with the cache, less on a laptop of
 # more cores. Candid: not run with the real weights and COCO yet (no network on this project's machines).
@@ -16,8 +16,8 @@ eval_interval = 250            # evaluate (and save) every this many steps
 eval_iters = 10                # validation batches per evaluation
 log_interval = 10
 
-# data: the folder `python data.py coco` writes (train.jsonl: an image and its five captions a line); each caption
-# becomes `<image>Output:{caption}<|endofchunk|>` (DESIGN sections 7 and 8), one of the five each epoch
+# data: the folder `python download.py coco` writes (train.jsonl: an image and its five captions a line); each caption
+# becomes `<image>Output:{caption}<|endofchunk|>` (OpenFlamingo's prompt, tokenizer.CAPTION), one of the five each epoch
 dataset = "folder"
 data_dir = "data/coco"
 tokenizer = "gpt2"             # GPT-2's BPE (tiktoken downloads it once; offline: TIKTOKEN_CACHE_DIR)

@@ -1,12 +1,10 @@
-# The offline default: the shapes world (DESIGN section 6) on a laptop CPU.
-# Stage 1 (pretrain_shapes.py, once) makes the stand-ins for a pretrained LM and CLIP;
+# The offline default: the shapes world (shapes.py) on a laptop CPU.
+# Stage 1 (pretrain_shapes.py, once) makes the stand-ins for a pretrained LM and CLIP in out_dir/pretrained/;
 # stage 2 (train.py) freezes both and trains the resampler, the gated blocks and the new token rows.
 out_dir = "out-shapes"
-lm = "out-shapes/pretrained/lm"
 clip = "shapes-rn"
 vision_stage = 2  # a CNN tower (open_clip ModifiedResNet) cut after stage 2: an 8 x 8 grid of tokens
-clip_pretrained = "out-shapes/pretrained/vision.safetensors"
-pretrain_shapes = True
+pretrain_shapes = True  # lm and clip_pretrained: out_dir/pretrained/lm and out_dir/pretrained/vision.safetensors
 pretrain_lm_iters = 600
 pretrain_vision_iters = 500
 
@@ -16,7 +14,7 @@ batch_size = 8
 gradient_accumulation_steps = 1
 
 cross_attn_every_n_layers = 1
-cross_attn_from_layer = 1  # none before layer 0: it erased the question's words (README, "The shapes world")
+cross_attn_from_layer = 1  # none before layer 0, whose input the stand-in LM needs as it is (docs/shapes.md)
 resampler_depth = 2
 resampler_heads = 4
 resampler_dim_head = 32

@@ -15,7 +15,8 @@ import sys
 import pytest
 import torch
 
-from model import Flamingo, FlamingoConfig, LMConfig
+from lm import LMConfig
+from model import Flamingo, FlamingoConfig
 from test_model import EOC, IMG, LM_CONFIGS, OPTS, V, images_for, open_gates_, randomize_
 from test_train import ENV, ROOT
 
@@ -64,7 +65,7 @@ def test_9b():
     assert trained == 1_385_420_816
     assert record["trained_params"] == trained
     assert record["total_params"] == trained - table + 6_649_286_656 + 303_966_208
-    # DESIGN section 7: the frozen LM in bf16 (~13 GB) + ~1.4B trained parameters with AdamW (~22 GB) + a little
+    # the frozen LM in bf16 (~13 GB) + ~1.4B trained parameters with AdamW (~22 GB) + a little
     # activation memory with checkpointing: fits an 80 GB GPU with DDP
     assert 36 < record["memory_per_gpu_gb"] < 43
     assert "activation checkpointing" in out and "DDP" in out
@@ -73,7 +74,7 @@ def test_9b():
     assert fsdp["total_params"] == record["total_params"] and fsdp["trained_params"] == trained
     weights = (record["total_params"] - trained) * 2 + trained * 16  # bytes: frozen in bf16, trained with AdamW
     assert fsdp["memory_per_gpu_gb"] == pytest.approx(record["memory_per_gpu_gb"] - weights * 7 / 8 / 1e9, abs=0.02)
-    # without OpenFlamingo's choice, every original LM weight stays frozen (DESIGN section 3)
+    # without OpenFlamingo's choice, every original LM weight stays frozen (Flamingo section 3)
     frozen_table, _, _ = dry_run("config/9b.py", "--train_lm_embeddings=False")
     assert frozen_table["trained_params"] == trained - table
 
@@ -105,7 +106,7 @@ def test_shapes_before_stage_1(tmp_path):
 
 def test_every_config_has_a_dry_run():
     # finetune_folder.py's dry run needs a checkpoint: tests/test_folder_train.py writes one and runs it
-    assert sorted(os.listdir(os.path.join(ROOT, "config"))) == ["9b.py", "clip", "finetune_folder.py",
+    assert sorted(os.listdir(os.path.join(ROOT, "config"))) == ["9b.py", "clip", "finetune_folder.py", "tokenizer",
                                                                 "train_coco_tiny.py", "train_shapes.py"], \
         "a new config: add a dry run here"
 

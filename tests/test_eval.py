@@ -1,5 +1,5 @@
-"""eval.py: the metrics against the reference code and hand-worked cases, the task readers on tiny fixtures
-written here, prompt construction, RICES, the shared-context classifier, and the command line end to end."""
+"""eval.py: the task readers on tiny fixtures written here, prompt construction, RICES, the shared-context
+classifier, the protocol called from Python as the command line runs it, and the command line end to end."""
 
 import json
 import os
@@ -11,83 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import eval as ev
+import folders
+import shapes
+from tokenizer import get_tokenizer
 from test_train import ENV, ROOT, SMALL, make_assets, run_train
-
-# -----------------------------------------------------------------------------
-# Metrics
-
-GTS = {1: ["a red circle on the left", "a circle that is red", "red circle left side"],
-       2: ["two dogs play in the park", "dogs playing on grass", "two brown dogs in a park"],
-       3: ["a man rides a bike down the street", "a person riding a bicycle", "man on a bike in the city"]}
-RES = {1: "a red circle on the left side", 2: "a dog in a park", 3: "a man riding a bike"}
-
-
-def test_cider_fixed_value():
-    # computed with pycocoevalcap 1.2: Cider().compute_score(GTS, {k: [v]}) -> 2.483275550997218 (x 100 here)
-    assert ev.cider(GTS, RES) == pytest.approx(248.3275550997218, abs=1e-9)
-
-
-def test_cider_matches_pycocoevalcap_on_random_corpora():
-    Cider = pytest.importorskip("pycocoevalcap.cider.cider").Cider
-    rng = np.random.default_rng(0)
-    words = "a the red dog cat man on in of park street big small two is".split()
-    for trial in range(5):
-        n = int(rng.integers(1, 12))
-        sent = lambda: " ".join(rng.choice(words, int(rng.integers(1, 12))))  # noqa: E731
-        gts = {i: [sent() for _ in range(int(rng.integers(1, 6)))] for i in range(n)}
-        res = {i: sent() for i in range(n)}
-        ref, _ = Cider().compute_score(gts, {i: [c] for i, c in res.items()})
-        assert ev.cider(gts, res) == pytest.approx(100 * ref, rel=1e-12, abs=1e-12)
-
-
-def test_cider_identical_captions_and_errors():
-    assert ev.cider({0: ["a b c d"], 1: ["e f g h"]}, {0: "a b c d", 1: "e f g h"}) > 0
-    with pytest.raises(ValueError):
-        ev.cider({0: []}, {0: "a"})
-
-
-def test_ptb_tokenize():
-    assert ev.ptb_tokenize("A man's dog, running...  Don't stop!") == "a man 's dog running do n't stop"
-    assert ev.ptb_tokenize("3.5 t-shirts; (big)") == "3.5 t-shirts big"
-
-
-@pytest.mark.parametrize("pred, answers, expected", [
-    ("2", ["2"] * 10, 1.0),
-    ("two", ["2"] * 10, 0.0),               # all answers the same: nothing is normalized (the official quirk)
-    ("yes", ["yes"] * 3 + ["no"] * 7, 0.9),  # 3 left-outs see 2 matches (2/3), 7 see 3 (1)
-    ("Red.", ["red"] * 2 + ["blue"] * 8, 0.6),  # 2 x 1/3 + 8 x 2/3, over 10
-    ("two", ["2"] * 4 + ["3"] * 6, 1.0),    # number words become digits
-    ("the dog", ["a dog"] * 5 + ["dog"] * 5, 1.0),  # articles dropped
-    ("don't know", ["dont know"] * 3 + ["no"] * 7, 0.9),  # contractions get their apostrophe
-    ("t shirt", ["t-shirt"] * 5 + ["shirt"] * 5, 1.0),  # a hyphen inside a word becomes a space
-    ("tshirt", ["t-shirt"] * 5 + ["shirt"] * 5, 0.0),
-    ("1000", ["1,000"] * 4 + ["many"] * 6, 1.0),  # a comma between digits is removed
-    ("red", ["red"], 0.0),                   # one reference: no other answer can agree
-])
-def test_vqa_accuracy(pred, answers, expected):
-    assert ev.vqa_accuracy(pred, answers) == pytest.approx(expected)
-
-
-def test_vqa_normalize():
-    assert ev.vqa_normalize("The two dogs, eating!") == "2 dogs eating"
-    assert ev.vqa_normalize("It's a cat.") == "it's cat"
-    assert ev.vqa_normalize("3.5") == "3.5"
-
-
-def test_roc_auc():
-    assert ev.roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
-    assert ev.roc_auc([1, 0], [0.5, 0.5]) == pytest.approx(0.5)  # a tie counts half
-    assert ev.roc_auc([0, 1, 1], [0.9, 0.1, 0.2]) == 0.0
-    with pytest.raises(ValueError):
-        ev.roc_auc([1, 1], [0.2, 0.3])
-
-
-def test_exact_match():
-    assert ev.exact_match(" Red ", ["blue", "red"]) == 1.0
-    assert ev.exact_match("red circle", ["red"]) == 0.0
-
 
 # -----------------------------------------------------------------------------
 # Task readers, on fixtures in the published layouts
@@ -95,7 +23,7 @@ def test_exact_match():
 def png(path, seed=0):
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(data.render(data.random_scene(rng), rng)).save(path)
+    Image.fromarray(shapes.render(shapes.random_scene(rng), rng)).save(path)
 
 
 def test_read_karpathy_coco(tmp_path):
@@ -135,7 +63,7 @@ def test_read_hateful_memes(tmp_path):
 
 
 def test_missing_benchmark_file_says_how_to_get_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--download"):
+    with pytest.raises(FileNotFoundError, match="python download.py okvqa"):
         ev.read_task("okvqa", str(tmp_path))
 
 
@@ -161,7 +89,7 @@ def custom_folder(root, n_train=6, n_test=4):
 def test_read_folder_counts_bad_lines(tmp_path):
     root = custom_folder(str(tmp_path))
     logged = []
-    train = data.read_folder(root, "train", "vqa", log=logged.append)
+    train = folders.read_folder(root, "train", "vqa", log=logged.append)
     assert len(train) == 6 and train[0]["image"] == os.path.join(root, "img", "train0.png")
     skips = [m for m in logged if ": skipped:" in m]
     assert len(skips) == 6 and all("train.jsonl:" in m for m in skips)
@@ -169,7 +97,7 @@ def test_read_folder_counts_bad_lines(tmp_path):
         assert any(why in m for m in skips), why
     assert any("6 lines skipped" in m for m in logged)
     with pytest.raises(ValueError, match="no usable"):
-        data.read_folder(root, "test", "captions", log=lambda m: None)  # only vqa lines there
+        folders.read_folder(root, "test", "captions", log=lambda m: None)  # only vqa lines there
 
 
 # -----------------------------------------------------------------------------
@@ -177,7 +105,7 @@ def test_read_folder_counts_bad_lines(tmp_path):
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.get_tokenizer("bytes")
+    return get_tokenizer("bytes")
 
 
 def test_prompts_demonstrations_then_query_without_its_answer(tok):
@@ -229,7 +157,7 @@ def test_class_scores_reuse_the_context_exactly(ckpt, tok):
     with torch.no_grad():
         for p in model.xattn.parameters():  # open the gates and perturb the blocks: images must matter
             p.add_(0.3 * torch.randn_like(p))
-    tok = data.get_tokenizer("bytes", lm_vocab_size=model.lm.config.vocab_size)
+    tok = get_tokenizer("bytes", lm_vocab_size=model.lm.config.vocab_size)
     size = model.vision.image_size
     images = torch.randn(2, 1, 3, *(size if isinstance(size, (tuple, list)) else (size, size)))
     ids = tok.encode_markup("<image>is it? Answer:yes<|endofchunk|><image>is it? Answer:")
@@ -264,6 +192,27 @@ def test_command_line_on_a_custom_folder(ckpt, tmp_path):
     assert "exact_match" in p.stdout and "lines skipped" in p.stdout
 
 
+def test_protocol_from_python_is_the_command_line(ckpt, tmp_path):
+    """`import eval` and its functions, given the settings the command line takes, give its very records: nothing is
+    read from the module's settings (they are the command line's defaults only)."""
+    from model import load_model
+    root = custom_folder(str(tmp_path / "folder"))
+    res = str(tmp_path / "r.json")
+    run_eval(f"--init_from={ckpt}", "--task=vqa", f"--data_dir={root}", "--shots=2", "--num_samples=3",
+             "--query_set_size=4", "--max_new_tokens=3", "--num_beams=2", f"--results={res}")
+    want = json.load(open(res))[0]
+    torch.set_num_threads(1)
+    model, name = load_model(ckpt)
+    tok = get_tokenizer(name, lm_vocab_size=model.lm.config.vocab_size)
+    train, test, kind = ev.read_task("vqa", root)
+    got = ev.run_trial(model.eval(), tok, kind, train, test, 2, 42, num_samples=3, query_set_size=4, max_new_tokens=3,
+                       num_beams=2)
+    assert got == {k: want[k] for k in got} and got["n"] == 3
+    shapes_records = ev.run_shapes(model, tok, [1], 42, 4, max_new_tokens=4)
+    assert [r["subtask"] for r in shapes_records] == ["question", "question_blank", "caption", "caption_blank",
+                                                      "task", "task_blank"]
+
+
 def test_command_line_rices_caches_features(ckpt, tmp_path):
     root = custom_folder(str(tmp_path / "folder"))
     cache = str(tmp_path / "cache")
@@ -279,14 +228,6 @@ def test_command_line_rices_caches_features(ckpt, tmp_path):
     assert {f: os.path.getmtime(os.path.join(cache, f)) for f in os.listdir(cache)} == stamp
 
 
-def test_shapes_folder_reads_back(tmp_path):
-    root = data.write_shapes_folder(str(tmp_path / "v"), "vqa", n_train=5, n_test=3)
-    test = data.read_folder(root, "test", "vqa", log=lambda m: None)
-    assert len(test) == 3 and all(os.path.isfile(e["image"]) and e["question"] and e["answers"] for e in test)
-    root = data.write_shapes_folder(str(tmp_path / "c"), "captions", n_train=4, n_test=2, task_kind="shape")
-    assert all(e["captions"][0] in data.SHAPES for e in data.read_folder(root, "train", "captions", log=lambda m: None))
-
-
 def test_rices_skips_unreadable_images(ckpt, tmp_path):
     from model import Flamingo
     model, _ = Flamingo.from_checkpoint(ckpt, verbose=False)
@@ -296,7 +237,7 @@ def test_rices_skips_unreadable_images(ckpt, tmp_path):
         png(str(tmp_path / f"{i}.png"), seed=i)
         examples.append({"image": str(tmp_path / f"{i}.png")})
     (tmp_path / "1.png").write_bytes(b"not a png at all")  # the second one is corrupt
-    feats = ev.image_features(model, examples, str(tmp_path / "cache"), "t")
+    feats = ev.image_features(model, examples, str(tmp_path / "cache"), "t", model_id=ckpt)
     assert feats.shape[0] == 3 and feats[1].abs().sum() == 0 and feats[0].norm() > 0.99
     assert 1 not in ev.rices_demos(feats, feats[0], 2)  # the zero row is never a demonstration
 

@@ -1,6 +1,6 @@
-"""Training on folders of one's own (data.FolderData, train.py's dataset "folder" and fine-tuning init_from):
+"""Training on folders of one's own (folders.FolderData, train.py's dataset "folder" and fine-tuning init_from):
 
-- each line kind (caption, question, document) becomes eval's prompt chunk, with the labels of DESIGN section 7;
+- each line kind (caption, question, document) becomes eval's prompt chunk, with the labels of data.chunk_mask;
 - rows: each example once per epoch, within block_size, the same rows from a fresh reader;
 - bad lines and files: counted skips with file and line number; nothing usable stops the run at the start;
 - mixing folders by loss weight (a weight of 0 leaves the run of the other folder alone, bit for bit);
@@ -16,7 +16,10 @@ import torch
 from PIL import Image
 
 import data
+import folders
+import shapes
 from model import Flamingo
+from tokenizer import CAPTION, get_tokenizer
 from test_train import ENV, ROOT, SMALL, make_assets, run_train  # noqa: F401 (ENV: the subprocess environment)
 
 
@@ -33,7 +36,7 @@ def write(root, lines, split="train"):
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.get_tokenizer("bytes")
+    return get_tokenizer("bytes")
 
 
 def test_each_line_kind_becomes_evals_chunk_with_its_labels(tmp_path, tok):
@@ -45,11 +48,11 @@ def test_each_line_kind_becomes_evals_chunk_with_its_labels(tmp_path, tok):
         {"chunks": [{"text": "Intro."}, {"image": "1.png"}, {"text": "One"}, {"text": "two."},
                     {"image": "2.png"}, {"image": "0.png"}, {"text": "Three."}]},
     ])
-    fd = data.FolderData(root, "train", tok, block_size=256, image_size=32, log=lambda m: None)
+    fd = folders.FolderData(root, "train", tok, block_size=256, image_size=32, log=lambda m: None)
     (cap,), (vqa,), (doc,) = fd.units
     I, E = tok.image_id, tok.eoc_id
     assert cap[0] == [I] + tok.encode("Output:a <image> sign") + [E] and len(cap[1]) == 1
-    assert cap[0] == data.encode_template(tok, data.CAPTION, caption="a <image> sign")
+    assert cap[0] == tok.encode_template(CAPTION, caption="a <image> sign")
     assert vqa[0] == [I] + tok.encode("Question:what? Short answer:red") + [E]
     # a document: text before the first image is context; texts in a row joined by a space; each <image> after
     # text opens a new chunk; two images in a row share the text that follows (the second one is attended)
@@ -58,18 +61,17 @@ def test_each_line_kind_becomes_evals_chunk_with_its_labels(tmp_path, tok):
     assert [os.path.basename(p) for p in doc[1]] == ["1.png", "2.png", "0.png"]
     # the labels: every token of a chunk's text and its <|endofchunk|>, nothing before the first <image>
     blank = np.zeros((32, 32, 3), np.uint8)
-    images, idx, targets = data.collate([(doc[0], [blank] * 3), (cap[0] + vqa[0] + [tok.eot_id], [blank] * 2)],
-                                        tok, 256)
-    labelled = [[int(t) for t in row if t >= 0] for row in targets]
+    b = data.collate([(doc[0], [blank] * 3), (cap[0] + vqa[0] + [tok.eot_id], [blank] * 2)], tok, 256)
+    labelled = [[int(t) for t in row if t >= 0] for row in b.targets]
     assert labelled[0] == tok.encode("One two.") + [E] + tok.encode("Three.") + [E]
     assert labelled[1] == cap[0][1:] + vqa[0][1:]  # a row of two chunks: all but each <image>
-    assert images.shape == (5, 1, 3, 32, 32)
+    assert b.images.shape == (5, 1, 3, 32, 32)
 
 
 def test_rows_use_each_example_once_per_epoch_and_fit(tmp_path, tok):
-    root = data.write_shapes_folder(str(tmp_path / "f"), "vqa", n_train=40, n_test=2)
-    a = data.FolderData(root, "train", tok, block_size=200, image_size=64, seed=3, log=lambda m: None)
-    b = data.FolderData(root, "train", tok, block_size=200, image_size=64, seed=3, log=lambda m: None)
+    root = shapes.write_folder(str(tmp_path / "f"), "vqa", n_train=40, n_test=2)
+    a = folders.FolderData(root, "train", tok, block_size=200, image_size=64, seed=3, log=lambda m: None)
+    b = folders.FolderData(root, "train", tok, block_size=200, image_size=64, seed=3, log=lambda m: None)
     for epoch in (0, 1):
         rows = a.epoch_rows(epoch)
         assert sorted(e for row in rows for e, _ in row) == list(range(40))
@@ -98,7 +100,7 @@ def test_bad_lines_and_files_are_counted_skips(tmp_path, tok):
     with open(os.path.join(root, "train.jsonl"), "ab") as f:
         f.write(b'{"image": "ok.png", "captions": ["\xff\xfe not UTF-8"]}\n')  # line 12
     logged = []
-    fd = data.FolderData(root, "train", tok, block_size=128, image_size=32, log=logged.append)
+    fd = folders.FolderData(root, "train", tok, block_size=128, image_size=32, log=logged.append)
     assert len(fd.units) == 1 and fd.skipped == {"longer than block_size": 1}
     text = "\n".join(logged)
     for n, why in [(2, "not JSON"), (3, "not a vqa or captions or docs line"), (4, "empty 'captions'"),
@@ -109,7 +111,7 @@ def test_bad_lines_and_files_are_counted_skips(tmp_path, tok):
     assert "train.jsonl: 2 examples, 10 lines skipped" in text and "train.jsonl:11: skipped: longer than" in text
     write(tmp_path, ["{not json", {"image": "missing.png", "captions": ["x"]}])
     with pytest.raises(ValueError, match="no usable"):
-        data.FolderData(root, "train", tok, block_size=128, image_size=32, log=lambda m: None)
+        folders.FolderData(root, "train", tok, block_size=128, image_size=32, log=lambda m: None)
 
 
 def test_an_image_gone_at_batch_time_drops_its_example(tmp_path, tok):
@@ -117,7 +119,7 @@ def test_an_image_gone_at_batch_time_drops_its_example(tmp_path, tok):
         png(str(tmp_path / f"{i}.png"), i)
     root = write(tmp_path, [{"image": f"{i}.png", "captions": [f"c{i}"]} for i in range(4)])
     logged = []
-    fd = data.FolderData(root, "train", tok, block_size=256, image_size=32, log=logged.append)
+    fd = folders.FolderData(root, "train", tok, block_size=256, image_size=32, log=logged.append)
     os.remove(tmp_path / "2.png")
     ids, images = fd.row(0)  # all four fit in one row: three are left
     assert len(images) == ids.count(tok.image_id) == 3 and fd.skipped["image unreadable at batch time"] == 1
@@ -135,8 +137,8 @@ def test_an_image_gone_at_batch_time_drops_its_example(tmp_path, tok):
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("folders")
     assets = make_assets(str(root / "assets"))
-    a = data.write_shapes_folder(str(root / "a"), "vqa", n_train=24, n_test=8, task_kind="exists")
-    b = data.write_shapes_folder(str(root / "b"), "captions", n_train=24, n_test=8, task_kind="shape")
+    a = shapes.write_folder(str(root / "a"), "vqa", n_train=24, n_test=8, task_kind="exists")
+    b = shapes.write_folder(str(root / "b"), "captions", n_train=24, n_test=8, task_kind="shape")
     return root, assets, a, b
 
 

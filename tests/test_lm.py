@@ -19,7 +19,7 @@ from torch.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
 
-from model import LM, KVCache  # noqa: E402
+from lm import LM, KVCache  # noqa: E402
 
 V = 100  # vocabulary of every tiny model
 
@@ -266,7 +266,7 @@ def test_neox_logits_and_loss(which, pct, parallel, request):
 
 
 def test_alibi_slopes_match_reference():
-    from model import alibi_slopes
+    from lm import alibi_slopes
     from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
     for n in (4, 6, 16, 32, 12):
         ref = build_mpt_alibi_tensor(n, 2)[:, 0, 0]  # the bias of key 0 seen from key 1: -slope

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import xattn
-from model import LM, Flamingo, LMConfig, save_pretrained
+from lm import LM, LMConfig
+from model import Flamingo
+from vision import register_clip_configs
 from resampler import PerceiverResampler
 from xattn import GatedCrossAttentionBlock, MaskedCrossAttention
 
@@ -72,16 +74,15 @@ def one_thread():
 def assets(tmp_path_factory):
     """Tiny LMs in the Hugging Face layout and a tiny CLIP weights file, written here (no hub)."""
     import open_clip
-    import model as model_module
     root = tmp_path_factory.mktemp("assets")
     lm_dirs = {}
     for i, (arch, cfg) in enumerate(LM_CONFIGS.items()):
         lm = LM(cfg)
         randomize_(lm, 0.2, seed=i)
         lm_dirs[arch] = str(root / arch)
-        save_pretrained(lm, lm_dirs[arch])
+        lm.save_pretrained(lm_dirs[arch])
     # A weights file for the vision tower: a checkpoint must rebuild the very same frozen tower.
-    model_module._register_clip_configs()
+    register_clip_configs()
     torch.manual_seed(0)
     clip = open_clip.create_model("flamingo-tiny")
     clip_path = str(root / "clip.pt")
@@ -526,14 +527,14 @@ def test_generation_pads_stopped_rows(opened, monkeypatch):
     free = m.generate(images, idx, 6, temperature=0)
     trigger = free[0, 7 + 1].item()           # row 0's second new token ...
     assert trigger not in free[1, 7:].tolist() and trigger not in free[0, 7:8].tolist()
-    decode = m.decode
+    forward_lm = m.forward_lm
 
     def forced(x, *args, **kwargs):           # ... is followed by <|endofchunk|> in row 0
-        logits = decode(x, *args, **kwargs)
+        logits = forward_lm(x, *args, **kwargs)
         logits[0, -1, EOC] += 1e4 * (x[0, -1] == trigger)
         return logits
 
-    monkeypatch.setattr(m, "decode", forced)
+    monkeypatch.setattr(m, "forward_lm", forced)
     expected = free.clone()
     expected[0, 7 + 2:] = EOC
     for use_cache in (True, False):

@@ -1,4 +1,4 @@
-"""Flamingo.from_openflamingo: an OpenFlamingo checkpoint.pt, written here from the key list of DESIGN section 9
+"""Flamingo.from_openflamingo: an OpenFlamingo checkpoint.pt, written here from the published key list (hf.py)
 for a tiny MPT with MPT-7B's vocabulary (50432 padded rows, resized by OpenFlamingo to 50280), loads with every
 tensor in its place; missing, extra or mis-shaped tensors are refused by name. CPU, no network."""
 
@@ -10,7 +10,8 @@ from torch.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
 
-from model import Flamingo, OPENFLAMINGO, openflamingo_file  # noqa: E402
+from hf import OPENFLAMINGO, openflamingo_file  # noqa: E402
+from model import Flamingo  # noqa: E402
 
 C, D, LAYERS, EVERY, DEPTH, R, INNER = 32, 48, 4, 2, 2, 5, 128  # D: flamingo-tiny's ViT width; INNER = 2 heads x 64
 
@@ -213,7 +214,7 @@ def test_finetune_an_openflamingo_checkpoint_on_a_folder(tmp_path, mpt_dir):
     import subprocess
     import sys
 
-    import data
+    import shapes
     from test_tokenizer import neox_like
     from test_train import ENV, ROOT
 
@@ -221,7 +222,7 @@ def test_finetune_an_openflamingo_checkpoint_on_a_folder(tmp_path, mpt_dir):
     shutil.copytree(mpt_dir[0], lm)
     neox_like(lm)
     torch.save(openflamingo_state_dict(), tmp_path / "checkpoint.pt")
-    folder = data.write_shapes_folder(str(tmp_path / "folder"), "vqa", n_train=12, n_test=4, task_kind="size")
+    folder = shapes.write_folder(str(tmp_path / "folder"), "vqa", n_train=12, n_test=4, task_kind="size")
     out = tmp_path / "out"
     cmd = [sys.executable, "train.py", "config/finetune_folder.py", f"--init_from={tmp_path / 'checkpoint.pt'}",
            f"--lm={lm}", "--clip=flamingo-tiny", "--clip_pretrained=None", f"--data_dir={folder}",
@@ -252,7 +253,7 @@ def test_same_logits_as_openflamingos_own_code(tmp_path, arch):
     import open_clip
 
     open_flamingo = pytest.importorskip("open_flamingo")
-    from model import _register_clip_configs
+    from vision import register_clip_configs
     from test_tokenizer import neox_like
 
     torch.manual_seed(0)
@@ -274,7 +275,7 @@ def test_same_logits_as_openflamingos_own_code(tmp_path, arch):
     neox_like(lm)  # lm/tokenizer.json; AutoTokenizer reads it as a fast tokenizer through this config
     json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"},
               open(lm / "tokenizer_config.json", "w"))
-    _register_clip_configs()
+    register_clip_configs()
     clip = open_clip.create_model("flamingo-tiny")
     with torch.no_grad():  # a trained tower's final norm is no identity: this makes "before ln_post" matter
         clip.visual.ln_post.weight.add_(torch.randn(D) * 0.5)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+import shapes
+from tokenizer import get_tokenizer
 from test_train import ENV, ROOT, SMALL, make_assets, run_train
 
 TWO_SHOT = "<image>Output:red<|endofchunk|><image>Output:"
@@ -32,7 +33,7 @@ def files(tmp_path_factory):
     pngs = []
     for name in ("a.png", "b.png"):
         pngs.append(str(root / name))
-        Image.fromarray(data.render(data.random_scene(rng), rng)).save(pngs[-1])
+        Image.fromarray(shapes.render(shapes.random_scene(rng), rng)).save(pngs[-1])
     garbage = root / "x.png"
     garbage.write_bytes(b"\x89PNG not really" * 20)
     return out, pngs, str(garbage)
@@ -45,7 +46,7 @@ def expected_continuation(out, pngs, prompt, max_new_tokens):
     torch.set_num_threads(1)
     model, ckpt = Flamingo.from_checkpoint(out, verbose=False)
     model.eval()
-    tok = data.get_tokenizer(ckpt["config"]["tokenizer"], lm_vocab_size=model.lm.config.vocab_size)
+    tok = get_tokenizer(ckpt["config"]["tokenizer"], lm_vocab_size=model.lm.config.vocab_size)
     pre = open_clip.image_transform(model.vision.image_size, is_train=False, mean=model.vision.mean,
                                     std=model.vision.std)
     images = torch.stack([pre(Image.open(p).convert("RGB")) for p in pngs])[:, None]  # (N, 1, 3, H, W)

@@ -1,4 +1,4 @@
-"""Tar shard readers (data.py section 5): LAION-style pairs, MMC4-style documents, shard splitting, skips."""
+"""Tar shard readers (shards.py): LAION-style pairs, MMC4-style documents, shard splitting, skips."""
 
 import base64
 import io
@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-from data import EOC, EOT, IMAGE
+import shapes
+import shards
+from tokenizer import EOC, EOT, IMAGE, get_tokenizer
 
 
 def scene(seed):
     rng = np.random.default_rng(seed)
-    return data.render(data.random_scene(rng), rng)  # (64, 64, 3) uint8
+    return shapes.render(shapes.random_scene(rng), rng)  # (64, 64, 3) uint8
 
 
 def encode(img, fmt="PNG"):
@@ -77,7 +78,7 @@ def test_pairs_read_good_samples_and_count_bad_ones(tmp_path):
     truncate_in_last_member(shard1)
 
     skipped = Counter()
-    got = {key: (cap, img) for key, cap, img in data.read_pairs([shard0, shard1, str(tmp_path / "gone.tar")],
+    got = {key: (cap, img) for key, cap, img in shards.read_pairs([shard0, shard1, str(tmp_path / "gone.tar")],
                                                                 skipped, image_size=64)}
     assert sorted(got) == sorted(good)
     for key, (cap, img) in good.items():
@@ -90,21 +91,21 @@ def test_pairs_resize_and_centre_crop(tmp_path):
     img = np.zeros((32, 96, 3), np.uint8)  # left third red, middle green, right third blue
     img[:, :32, 0] = img[:, 32:64, 1] = img[:, 64:, 2] = 255
     shard = write_tar(tmp_path / "a.tar", [("k.jpg", encode(img, "JPEG")), ("k.txt", b"three bars")])
-    ((_, _, out),) = data.read_pairs([shard], Counter(), image_size=16)
+    ((_, _, out),) = shards.read_pairs([shard], Counter(), image_size=16)
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
     assert (out[:, 4:12, 1] > 200).all() and (out[:, 4:12, [0, 2]] < 60).all()  # the middle (green) bar
 
 
 def test_literal_markers_in_a_caption_stay_text(tmp_path):
-    tok = data.get_tokenizer("bytes")
+    tok = get_tokenizer("bytes")
     caption = f"a sign that reads {IMAGE} and {EOC}"
     shard = write_tar(tmp_path / "a.tar", [("k.png", encode(scene(0))), ("k.txt", caption.encode())])
-    ((_, cap, _),) = data.read_pairs([shard], Counter(), image_size=64)
+    ((_, cap, _),) = shards.read_pairs([shard], Counter(), image_size=64)
     assert cap == caption
-    ids = data.pair_to_ids(tok, cap)
+    ids = shards.pair_to_ids(tok, cap)
     assert ids.count(tok.image_id) == 1 and ids.count(tok.eoc_id) == 1  # only the ones the format puts there
     assert ids[0] == tok.image_id and ids[-2:] == [tok.eoc_id, tok.eot_id] and tok.decode(ids[1:-2]) == caption
-    assert data.pair_to_ids(tok, "a red circle") == tok.encode_markup(f"{IMAGE}a red circle{EOC}{EOT}")
+    assert shards.pair_to_ids(tok, "a red circle") == tok.encode_markup(f"{IMAGE}a red circle{EOC}{EOT}")
 
 
 # -----------------------------------------------------------------------------
@@ -119,7 +120,7 @@ def doc_json(sentences, infos):
 
 
 def test_docs_threshold_order_member_images_and_skips(tmp_path):
-    tok = data.get_tokenizer("bytes")
+    tok = get_tokenizer("bytes")
     s = ["First sentence.", "Second one.", "Third one.", "Fourth one."]
     imgs = [scene(20 + i) for i in range(4)]
     members = [
@@ -146,7 +147,7 @@ def test_docs_threshold_order_member_images_and_skips(tmp_path):
             {"image_name": "f.jpg", "matched_text_index": 2, "matched_sim": 0.9, "image_base64": b64(imgs[2])}])),
     ]
     skipped = Counter()
-    docs = {k: (sent, ims) for k, sent, ims in data.read_docs([write_tar(tmp_path / "d.tar", members)], skipped,
+    docs = {k: (sent, ims) for k, sent, ims in shards.read_docs([write_tar(tmp_path / "d.tar", members)], skipped,
                                                                image_size=64)}
     assert sorted(docs) == ["a", "b", "f"]
     assert skipped == {"image below sim_threshold": 2, "document with no image": 1, "bad json": 1,
@@ -154,39 +155,39 @@ def test_docs_threshold_order_member_images_and_skips(tmp_path):
 
     sent, ims = docs["a"]
     assert list(ims) == [0, 2] and np.array_equal(ims[0], imgs[0]) and np.array_equal(ims[2], imgs[2])
-    ids, images = data.doc_to_ids(tok, sent, ims)
+    ids, images = shards.doc_to_ids(tok, sent, ims)
     # OpenFlamingo's string: <image> before its sentence, <|endofchunk|> before the next <image> and at the end
     assert ids == tok.encode_markup(f"{IMAGE}First sentence. Second one.{EOC}{IMAGE}Third one. Fourth one.{EOC}{EOT}")
     assert len(images) == 2 and images[0] is ims[0] and images[1] is ims[2]
 
     sent, ims = docs["b"]
     assert list(ims) == [1, 3] and np.array_equal(ims[1], imgs[1]) and np.array_equal(ims[3], imgs[3])
-    ids, _ = data.doc_to_ids(tok, sent, ims)
+    ids, _ = shards.doc_to_ids(tok, sent, ims)
     assert ids == tok.encode_markup(f"First sentence.{IMAGE}Second one. Third one.{EOC}{IMAGE}Fourth one.{EOC}{EOT}")
     assert list(docs["f"][1]) == [2]
 
 
 def test_docs_max_images_and_literal_markers(tmp_path):
-    tok = data.get_tokenizer("bytes")
+    tok = get_tokenizer("bytes")
     s = [f"Sentence {i} mentions {IMAGE}." for i in range(8)]
     infos = [{"image_name": f"{i}.png", "matched_text_index": i, "matched_sim": 0.3, "image_base64": b64(scene(i))}
              for i in reversed(range(8))]  # image_info out of text order: max_images keeps the text's first
     shard = write_tar(tmp_path / "d.tar", [("g.json", doc_json(s, infos))])
-    ((_, sent, ims),) = data.read_docs([shard], Counter(), image_size=64, max_images=6)
+    ((_, sent, ims),) = shards.read_docs([shard], Counter(), image_size=64, max_images=6)
     assert list(ims) == [0, 1, 2, 3, 4, 5]
-    ids, images = data.doc_to_ids(tok, sent, ims, max_tokens=10_000)
+    ids, images = shards.doc_to_ids(tok, sent, ims, max_tokens=10_000)
     assert ids.count(tok.image_id) == len(images) == 6  # the literal "<image>" in each sentence stayed text
     assert tok.decode(ids).count(IMAGE) == 6 + 8
 
 
 def test_doc_token_budget_keeps_images_and_markers_equal():
-    tok = data.get_tokenizer("shapes")
+    tok = get_tokenizer("shapes")
     sentences = ["an intro with no image.", "a red circle.", "a blue square on the left.", "nothing here.",
                  "a green cross.", "the end."]
     ims = {1: scene(1), 2: scene(2), 4: scene(4)}
-    full, _ = data.doc_to_ids(tok, sentences, ims, max_tokens=10_000)
+    full, _ = shards.doc_to_ids(tok, sentences, ims, max_tokens=10_000)
     for budget in range(1, len(full) + 2):
-        ids, images = data.doc_to_ids(tok, sentences, ims, max_tokens=budget)
+        ids, images = shards.doc_to_ids(tok, sentences, ims, max_tokens=budget)
         assert len(ids) <= budget and ids == full[:len(ids)]
         assert ids.count(tok.image_id) == len(images)
         assert [id(im) for im in images] == [id(ims[i]) for i in sorted(ims)][:len(images)]
@@ -195,7 +196,7 @@ def test_doc_token_budget_keeps_images_and_markers_equal():
             assert any(t not in (tok.image_id, tok.eoc_id, tok.eot_id) for t in ids[last + 1:])
     # a cut right after an <image> drops that <image> and its image
     second = [i for i, t in enumerate(full) if t == tok.image_id][1]
-    ids, images = data.doc_to_ids(tok, sentences, ims, max_tokens=second + 1)
+    ids, images = shards.doc_to_ids(tok, sentences, ims, max_tokens=second + 1)
     assert ids == full[:second] and len(images) == 1
 
 
@@ -215,19 +216,19 @@ def pair_shards(tmp_path, n_shards, per_shard):
 
 def test_split_shards():
     paths = [f"s{i}.tar" for i in range(7)]
-    parts = [data.split_shards(paths[::-1], r, 2, w, 2) for r in range(2) for w in range(2)]
+    parts = [shards.split_shards(paths[::-1], r, 2, w, 2) for r in range(2) for w in range(2)]
     assert sorted(p for part in parts for p in part) == paths  # each shard exactly once, whatever the input order
     assert parts[0] == ["s0.tar", "s4.tar"] and parts[3] == ["s3.tar"]
     with pytest.raises(ValueError, match="3 shards for 4 readers"):
-        data.split_shards(paths[:3], 0, 2, 0, 2)
+        shards.split_shards(paths[:3], 0, 2, 0, 2)
 
 
 def test_two_ranks_two_workers_see_every_sample_once(tmp_path):
-    tok = data.get_tokenizer("bytes")
+    tok = get_tokenizer("bytes")
     paths = pair_shards(tmp_path, n_shards=6, per_shard=3)
     seen, logs = [], []
     for rank in range(2):
-        ds = data.ShardDataset(paths, "pairs", tok, rank=rank, world_size=2, image_size=32, log=logs.append)
+        ds = shards.ShardDataset(paths, "pairs", tok, rank=rank, world_size=2, image_size=32, log=logs.append)
         for ids, images in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2):
             assert ids.count(tok.image_id) == len(images) == 1 and images[0].shape == (32, 32, 3)
             seen.append(tok.decode(ids[1:-2]))
@@ -236,7 +237,7 @@ def test_two_ranks_two_workers_see_every_sample_once(tmp_path):
 
 
 def test_dataset_docs_and_summary(tmp_path):
-    tok = data.get_tokenizer("bytes")
+    tok = get_tokenizer("bytes")
     long = "x" * 300  # longer than the budget: the image after it cannot fit
     members = [
         ("a.json", doc_json(["Hello.", "World."], [{"image_name": "a.0.png", "matched_text_index": 1,
@@ -246,7 +247,7 @@ def test_dataset_docs_and_summary(tmp_path):
         ("c.json", b"[1, 2"),
     ]
     shard = write_tar(tmp_path / "d.tar", members)
-    ds = data.ShardDataset([shard], "docs", tok, image_size=64, max_tokens=256, log=lambda s: None)
+    ds = shards.ShardDataset([shard], "docs", tok, image_size=64, max_tokens=256, log=lambda s: None)
     ((ids, images),) = list(ds)
     assert ids == tok.encode_markup(f"Hello.{IMAGE}World.{EOC}{EOT}") and len(images) == 1
     assert ds.summary() == "1 samples; skipped: 1 bad json, 1 no image within max_tokens"
@@ -290,12 +291,12 @@ def test_train_py_mixes_pairs_and_documents_and_resumes_exactly(tmp_path):
 
 
 def test_shard_stream_shuffle_buffer_is_seeded(tmp_path):
-    tok = data.get_tokenizer("bytes")
+    tok = get_tokenizer("bytes")
     pair_shards(tmp_path, n_shards=2, per_shard=6)
     pattern = str(tmp_path / "shard-*.tar")
 
     def captions(shuffle, seed, n=24):
-        stream = data.ShardStream("pairs", pattern, tok, block_size=8, image_size=32, shuffle=shuffle, seed=seed,
+        stream = shards.ShardStream("pairs", pattern, tok, block_size=8, image_size=32, shuffle=shuffle, seed=seed,
                                   log=lambda m: None)  # block_size 8: one pair a row
         return [tok.decode(next(stream.stream)[0][1:-2]) for _ in range(n)]
 

@@ -1,15 +1,88 @@
-"""A Hugging Face byte-level BPE tokenizer.json, converted to tiktoken (data.hf_bpe_tokenizer), gives the ids the
-`tokenizers` library gives. The files are trained here, in GPT-NeoX's layout (NFC, ByteLevel, <|endoftext|> and
-<|padding|> first, runs of spaces as added tokens), so that no download is needed."""
+"""Tokenizers (tokenizer.py): the bytes, gpt2 and shapes encodings with the Flamingo tokens after them, plain text
+that never becomes markup; and a Hugging Face byte-level BPE tokenizer.json, converted to tiktoken
+(tokenizer.hf_bpe_tokenizer), gives the ids the `tokenizers` library gives. The files are trained here, in GPT-NeoX's
+layout (NFC, ByteLevel, <|endoftext|> and <|padding|> first, runs of spaces as added tokens), so that no download is
+needed."""
 
+import hashlib
 import json
 import random
 
 import pytest
 
-tokenizers = pytest.importorskip("tokenizers")
+import shapes
+import tokenizer
+from tokenizer import EOC, EOT, IMAGE, get_tokenizer
 
-import data  # noqa: E402
+try:  # a test-only requirement: the tests of the tokenizer.json converter skip without it
+    import tokenizers
+except ImportError:
+    tokenizers = None
+needs_tokenizers = pytest.mark.skipif(tokenizers is None, reason="the `tokenizers` library is not installed")
+
+tok = get_tokenizer("bytes")
+
+def test_bytes_tokenizer_ids():
+    assert (tok.eot_id, tok.image_id, tok.eoc_id, tok.n_vocab) == (256, 257, 258, 259)
+    assert tok.encode("ab\n") == [97, 98, 10]
+    padded = get_tokenizer("bytes", lm_vocab_size=300)  # an LM whose embedding has spare rows
+    assert (padded.eot_id, padded.image_id, padded.eoc_id, padded.n_vocab) == (256, 300, 301, 302)
+    assert padded.decode([97, 280, 300, 301]) == "a<image><|endofchunk|>"  # 280 is a row with no token
+    with pytest.raises(AssertionError):
+        get_tokenizer("bytes", lm_vocab_size=100)
+
+
+def test_plain_text_never_becomes_special():
+    text = f"a caption that says {IMAGE}, {EOC} and {EOT} in it; café, 日本語, 🙂"
+    ids = tok.encode(text)
+    assert max(ids) < 256  # bytes only
+    assert tok.decode(ids) == text
+    assert bytes(ids) == text.encode("utf-8")
+
+
+def test_encode_markup():
+    ids = tok.encode_markup(f"{IMAGE}hi{EOC}{EOT}")
+    assert ids == [257, ord("h"), ord("i"), 258, 256]
+    assert tok.decode(ids) == f"{IMAGE}hi{EOC}{EOT}"
+    text = f"{IMAGE}Output:ünïcode ✓{EOC}"
+    assert tok.decode(tok.encode_markup(text)) == text
+
+
+def test_gpt2_offline_error_is_clear(monkeypatch):
+    def offline(name):
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+    monkeypatch.setattr(tokenizer.tiktoken, "get_encoding", offline)
+    with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR.*'bytes'"):
+        tokenizer.gpt2_encoding()
+
+
+def test_shapes_tokenizer_is_pinned():
+    """Every shapes checkpoint and stand-in LM reads the ids of config/tokenizer/shapes.tiktoken: other merges would give no
+    error, only wrong answers. So its tokens are pinned (tests/test_shapes.py checks the world still teaches them)."""
+    enc = tokenizer.shapes_encoding()
+    tokens = b"\0".join(enc.decode_single_token_bytes(i) for i in range(enc.n_vocab))
+    assert enc.n_vocab == 400
+    assert hashlib.sha256(tokens).hexdigest() == "5b94ce44ad7816a4114efa315245f6034ecc1be5c42e78b63eb082364d8ffee7"
+
+
+def test_shapes_tokenizer_words_and_markup():
+    tok = get_tokenizer("shapes")
+    assert (tok.eot_id, tok.image_id, tok.eoc_id) == (tok.base_n_vocab - 1, tok.base_n_vocab, tok.base_n_vocab + 1)
+    # every single-word answer of the shapes world is one token, so an answer is one choice
+    words = list(shapes.COLORS) + list(shapes.SHAPES) + list(shapes.SIZES) + ["top", "left", "center", "yes", "no", "1", "2", "3"]
+    assert [w for w in words if len(tok.encode(w)) != 1] == []
+    # the same text is 3x shorter than in bytes, and round-trips; literal markup in plain text stays text
+    text, _ = shapes.shapes_sample("train", 0, 0, kind="caption")
+    assert 3 * len(tok.encode_markup(text)) < len(get_tokenizer("bytes").encode_markup(text))
+    for s in ["a caption with <image> and <|endofchunk|> inside", "ünïcödé ✓ text", ""]:
+        ids = tok.encode(s)
+        assert tok.image_id not in ids and tok.eoc_id not in ids and tok.eot_id not in ids
+        assert tok.decode(ids) == s
+    assert tok.encode_markup("<image>Output:red<|endofchunk|>")[0] == tok.image_id
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face tokenizer.json files, against the `tokenizers` library
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "Flamingo", "image", "caption", "naïve",
          "café", "straße", "Ωmega", "日本語", "テキスト", "中文", "😀", "🦩", "def", "return", "x_1", "foo.bar()",
@@ -45,7 +118,7 @@ def neox_like(tmp_path, vocab_size=700, pre_tokenizer=None):
 
 def check_same_ids(path):
     ref = tokenizers.Tokenizer.from_file(path)
-    ours = data.hf_bpe_tokenizer(path)
+    ours = tokenizer.hf_bpe_tokenizer(path)
     texts = corpus(300, seed=1)
     n_tokens = 0
     for t in texts:
@@ -57,12 +130,14 @@ def check_same_ids(path):
     return ours
 
 
+@needs_tokenizers
 def test_neox_layout_same_ids(tmp_path):
     tok = check_same_ids(neox_like(tmp_path))
     assert tok.hf.to_id is None  # trained files number tokens in merge order: tiktoken uses the ids directly
     assert tok.eot_id == 0 and tok.encode("a      b")[1] == tok.hf.added[" " * 6]  # the added run, not BPE's
 
 
+@needs_tokenizers
 def test_ids_out_of_merge_order_are_mapped(tmp_path):
     """A file whose ids do not follow its merges (tiktoken needs them to): ranks in merge order, ids mapped back."""
     path = neox_like(tmp_path)
@@ -77,6 +152,7 @@ def test_ids_out_of_merge_order_are_mapped(tmp_path):
     assert check_same_ids(path).hf.to_id is not None
 
 
+@needs_tokenizers
 def test_split_then_bytes_layout(tmp_path):
     """Llama-3 / Qwen2 style: a Split regex of their own, then ByteLevel without its regex."""
     from tokenizers import Regex, pre_tokenizers
@@ -86,11 +162,12 @@ def test_split_then_bytes_layout(tmp_path):
     check_same_ids(neox_like(tmp_path, pre_tokenizer=pre))
 
 
+@needs_tokenizers
 def test_openflamingo_token_ids_and_markup(tmp_path):
     """OpenFlamingo appends <|endofchunk|>, <image>, <PAD> after GPT-NeoX's 50277 tokens: 50277, 50278, 50279."""
     path = neox_like(tmp_path)
-    n = data.hf_bpe_tokenizer(path).base_n_vocab
-    tok = data.get_tokenizer(path, lm_vocab_size=n, new_tokens=(data.EOC, data.IMAGE, "<PAD>"))
+    n = tokenizer.hf_bpe_tokenizer(path).base_n_vocab
+    tok = get_tokenizer(path, lm_vocab_size=n, new_tokens=(EOC, IMAGE, "<PAD>"))
     assert (tok.eoc_id, tok.image_id, tok.n_vocab) == (n, n + 1, n + 3)
     ids = tok.encode_markup("<image>Output:a fox<|endofchunk|><|endoftext|>")
     assert ids[0] == tok.image_id and ids[-2:] == [tok.eoc_id, tok.eot_id]
@@ -98,10 +175,11 @@ def test_openflamingo_token_ids_and_markup(tmp_path):
     assert tok.image_id not in tok.encode("a literal <image> stays text")
 
 
+@needs_tokenizers
 def test_unsupported_files_refused(tmp_path):
     path = neox_like(tmp_path)
     spec = json.load(open(path))
     spec["normalizer"] = {"type": "NFKC"}
     json.dump(spec, open(tmp_path / "nfkc.json", "w"))
     with pytest.raises(NotImplementedError, match="normalizer"):
-        data.hf_bpe_tokenizer(str(tmp_path / "nfkc.json"))
+        tokenizer.hf_bpe_tokenizer(str(tmp_path / "nfkc.json"))

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 import model as model_module
-from model import LM, LMConfig, save_pretrained
+from lm import LM, LMConfig
+from vision import register_clip_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # transformers is a test-only requirement; open_clip imports it when it is installed, a second or more per
@@ -46,9 +47,9 @@ def make_assets(root):
     from safetensors.torch import save_file
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    save_pretrained(LM(LMConfig(arch="gpt2", vocab_size=257, n_layer=2, n_head=2, n_embd=32, block_size=512)),
-                    os.path.join(root, "lm"))
-    model_module._register_clip_configs()
+    LM(LMConfig(arch="gpt2", vocab_size=257, n_layer=2, n_head=2, n_embd=32, block_size=512)).save_pretrained(
+        os.path.join(root, "lm"))
+    register_clip_configs()
     clip = open_clip.create_model("shapes-vit")
     save_file(clip.state_dict(), os.path.join(root, "vision.safetensors"))
     return [f"--lm={os.path.join(root, 'lm')}", f"--clip_pretrained={os.path.join(root, 'vision.safetensors')}"]

@@ -1,4 +1,4 @@
-"""The vision encoder (model.VisionEncoder) with an open_clip ResNet tower, and the shapes world's stage-1
+"""The vision encoder (vision.VisionEncoder) with an open_clip ResNet tower, and the shapes world's stage-1
 vision training (pretrain_shapes.py). CPU, no network, tiny sizes."""
 
 import json
@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import data
 import pretrain_shapes
-from model import Flamingo, LMConfig, LM, VisionEncoder, save_pretrained
+import shapes
+from lm import LM, LMConfig
+from model import Flamingo
+from tokenizer import get_tokenizer
+from vision import VisionEncoder
 
 
 def test_resnet_stage_grid():
@@ -46,8 +49,8 @@ def test_patch_labels():
     # the 18 px square covers pixels 2..19: patches (0..2, 0..2) hold at least 10% of it
     on = y[:, 0].reshape(8, 8) > 0
     assert on[:3, :3].all() and on.sum() == 9
-    assert tuple(y[0]) == (1 + data.SHAPES.index("square"), 1 + list(data.COLORS).index("red"),
-                           1 + list(data.SIZES).index("large"), 0)
+    assert tuple(y[0]) == (1 + shapes.SHAPES.index("square"), 1 + list(shapes.COLORS).index("red"),
+                           1 + list(shapes.SIZES).index("large"), 0)
     assert tuple(y[63]) == (0, 0, 0, 8)  # background patch at the bottom right: its own cell
 
 
@@ -64,7 +67,7 @@ def test_pretrained_vision_loads_as_open_clip_weights(tmp_path):
     assert any(not torch.equal(v, VisionEncoder("shapes-rn", stage=2).state_dict()[k]) for k, v in before.items())
 
     lm_dir = str(tmp_path / "lm")
-    save_pretrained(LM(LMConfig(arch="gpt2", vocab_size=257, n_layer=2, n_head=2, n_embd=32, block_size=64)), lm_dir)
+    LM(LMConfig(arch="gpt2", vocab_size=257, n_layer=2, n_head=2, n_embd=32, block_size=64)).save_pretrained(lm_dir)
     model = Flamingo.from_pretrained(lm=lm_dir, clip="shapes-rn", clip_pretrained=path, vision_stage=2,
                                      resampler_depth=1, num_latents=4, resampler_heads=2, resampler_dim_head=8,
                                      xattn_heads=2, xattn_dim_head=8, verbose=False)
@@ -75,7 +78,7 @@ def test_pretrained_vision_loads_as_open_clip_weights(tmp_path):
     assert model2.config.vision_stage == 2
     for k, v in model2.vision.state_dict().items():
         assert torch.equal(v, before[k]), k
-    img = data.render(data.random_scene(np.random.default_rng(0)), np.random.default_rng(0))
+    img = shapes.render(shapes.random_scene(np.random.default_rng(0)), np.random.default_rng(0))
     idx = torch.tensor([[257, 5, 6, 7]])
     pix = (torch.from_numpy(img).permute(2, 0, 1).float() / 255)[None, None]
     with torch.no_grad():
@@ -103,8 +106,7 @@ def test_pretrained_lm_embeddings_start_large(tmp_path, monkeypatch):
 
 def test_question_words_name_what_each_question_asks():
     """Stage 1's second loss: at the ":" of each "Short answer:", the color and shape words of that question only."""
-    import data
-    tok = data.get_tokenizer("shapes")
+    tok = get_tokenizer("shapes")
     text = ("<image>Output:a large red circle at the top.<|endofchunk|><image>Question:is there a green square? "
             "Short answer:no<|endofchunk|><image>Question:how many objects are there? Short answer:2<|endofchunk|>"
             "<image>Question:what color is the cross? Short answer:blue<|endofchunk|>")
@@ -113,14 +115,13 @@ def test_question_words_name_what_each_question_asks():
     got = [(tok.decode(rows[0][t - 2:t + 1]), tok.decode([w])) for _, t, w in found]
     assert sorted(got) == sorted([(" Short answer:", " green"), (" Short answer:", " square"),
                                   (" Short answer:", " cross")])
-    assert pretrain_shapes.question_words(rows, data.get_tokenizer("bytes")) == []  # words are not single tokens
+    assert pretrain_shapes.question_words(rows, get_tokenizer("bytes")) == []  # words are not single tokens
 
 
 def test_stage_one_rows_begin_anywhere():
     """Stage 1 (lm_row): about half its rows begin at a sample's <image>, the others at a random offset, so at
     many different tokens; each holds at most block_size tokens (at least half that here)."""
-    import data
-    tok = data.get_tokenizer("shapes")
+    tok = get_tokenizer("shapes")
     g = torch.Generator().manual_seed(0)
     rows = [pretrain_shapes.lm_row(0, i, tok, 64, g) for i in range(60)]
     assert all(32 < len(r) <= 64 for r in rows)
