@@ -6,8 +6,8 @@ A *sample* is (text, images): `text` is markup, a string in which "<image>" mark
 the characters "<image>", which must stay text: shards.py); `images` is a list of uint8 arrays (H, W, 3) in the
 order of the <image> markers.
 
-1. Labels: which tokens are predicted (the text of each image's chunk, Flamingo section 3.3 and OpenFlamingo's
-   training code), never padding, <image> tokens, text before the first image or between chunks.
+1. Labels: which tokens are predicted: the text of each image's chunk, as OpenFlamingo's training code masks
+   them; never padding, <image> tokens, text before the first image or between chunks.
 2. Images: decoding files as CLIP preprocesses them, and the one normalisation of pixels for the tower.
 3. Batches: collate() turns samples into a Batch; batch_indices() deals a global batch out to processes and
    micro-steps, so that its content depends only on the step.

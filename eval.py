@@ -1,5 +1,5 @@
 """
-Few-shot evaluation with OpenFlamingo's protocol (Awadalla et al. 2023, section 3; its open_flamingo/eval code).
+Few-shot evaluation with OpenFlamingo's protocol (Awadalla et al. 2023; its open_flamingo/eval code).
 
     python eval.py --init_from=out-shapes                              # the shapes world: offline, ~1 minute
     python eval.py --task=vqa --data_dir=my_folder --shots=0,4         # your folder: train.jsonl + test.jsonl

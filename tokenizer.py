@@ -1,7 +1,7 @@
 """
 Tokenizers, all on tiktoken: the LM's own vocabulary first, then Flamingo's new tokens appended after it,
 `<image>` (where a media item sits) and `<|endofchunk|>` (the end of the text that belongs to one image; Flamingo
-section 3 and Figure 7).
+Figure 6).
 
 1. The markup, OpenFlamingo's prompt formats, and `Tokenizer`: plain text never becomes a special token (a caption
    that contains the characters "<image>" stays text); markup becomes one only through the explicit

@@ -1,4 +1,4 @@
-# Flamingo-9B with OpenFlamingo-9B's layout (its paper, section 3): CLIP ViT-L/14 and a 7B LM, both frozen, a
+# Flamingo-9B with OpenFlamingo-9B's layout (Awadalla et al. 2023): CLIP ViT-L/14 and a 7B LM, both frozen, a
 # GATED XATTN-DENSE block before every 4th LM layer. Sizes and memory per GPU, offline, in seconds:
 #
 #   python train.py config/9b.py --dry_run=True

@@ -194,6 +194,20 @@ def test_stage_one_here_or_before_trains_alike(tmp_path):
     assert train_losses(made) == train_losses(reused) and val_losses(made) == val_losses(reused)
 
 
+def test_the_shapes_config_keeps_its_stand_ins_in_its_out_dir(tmp_path):
+    """--out_dir=X alone: stage 1 writes X/pretrained/lm and X/pretrained/vision.safetensors, the checkpoint names
+    them, and nothing is written to the config file's ./out-shapes."""
+    out = tmp_path / "run"
+    before = os.path.exists(os.path.join(ROOT, "out-shapes"))
+    run_train(str(out), "config/train_shapes.py", "--pretrain_lm_iters=2", "--pretrain_vision_iters=2",
+              "--batch_size=2", "--eval_iters=1", "--eval_interval=2", "--max_iters=2", f"--out_dir={out}")
+    assert (out / "pretrained" / "lm" / "stage1.json").exists() and (out / "pretrained" / "vision.safetensors").exists()
+    cfg = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["flamingo_config"]
+    assert (cfg["lm"], cfg["clip_pretrained"]) == (str(out / "pretrained" / "lm"),
+                                                   str(out / "pretrained" / "vision.safetensors"))
+    assert os.path.exists(os.path.join(ROOT, "out-shapes")) == before
+
+
 def test_rows_longer_than_the_lms_positions_stop_at_the_start(assets, tmp_path):
     cmd = [sys.executable, "train.py", f"--out_dir={tmp_path}", *SMALL, *assets, "--block_size=600"]
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
