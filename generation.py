@@ -37,8 +37,9 @@ class Stepper:
 
     def __init__(self, model, images, idx, use_cache=True, num_beams=1):
         self.model, self.use_cache = model, use_cache
-        self.seen = idx.repeat_interleave(num_beams, dim=0)                # (B*nb, T): the prompts, then (uncached)
-        self.images = expand_media(images, idx, model.media_token_id, num_beams)  # every token chosen
+        # the prompts, one row per beam (B*nb, T); the uncached path appends every token chosen to them
+        self.seen = idx.repeat_interleave(num_beams, dim=0)
+        self.images = expand_media(images, idx, model.media_token_id, num_beams)
         if use_cache:
             self.kvs = model.media_kvs(model.encode_media(self.images, self.seen))  # once per call
             self.caches = [KVCache() for _ in model.lm.transformer.h]
