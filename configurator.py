@@ -45,9 +45,40 @@ def check_type(key, value, default):
     return value
 
 
-def configure(config: dict, argv=None):
-    """Apply config files and overrides from argv (default sys.argv[1:]) to `config`, in place."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+def configure(config: dict, argv=None, exit_on_error=None):
+    """Apply config files and overrides from argv (default sys.argv[1:]) to `config`, in place. A bad key or value
+    raises KeyError, TypeError or ValueError; with exit_on_error (default: when argv is the command line's) it
+    is one `error:` line and exit status 2 instead."""
+    if exit_on_error is None:
+        exit_on_error = argv is None
+    try:
+        return apply(config, sys.argv[1:] if argv is None else list(argv))
+    except (KeyError, TypeError, ValueError, OSError) as e:
+        if not exit_on_error:
+            raise
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check(config, at_least=None, at_most=None, choices=None, may_be_none=()):
+    """Refuse settings out of range before anything runs, one `error:` line naming the key and what it allows:
+    at_least / at_most {key: bound} (inclusive), choices {key: allowed values}; None only for `may_be_none`."""
+    for bounds, word, out in ((at_least or {}, ">=", lambda v, b: v < b), (at_most or {}, "<=", lambda v, b: v > b)):
+        for key, bound in bounds.items():
+            v = config[key]
+            if v is None and key in may_be_none:
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or out(v, bound):
+                none = " (or None)" if key in may_be_none else ""
+                print(f"error: {key}={v!r}: must be a number {word} {bound}{none}", file=sys.stderr)
+                sys.exit(2)
+    for key, allowed in (choices or {}).items():
+        if config[key] not in allowed:
+            print(f"error: {key}={config[key]!r}: must be one of {', '.join(map(repr, allowed))}", file=sys.stderr)
+            sys.exit(2)
+
+
+def apply(config, argv):
     known = {k for k, v in config.items() if not k.startswith("_") and isinstance(v, SIMPLE)}
 
     def known_key(key):

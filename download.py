@@ -18,6 +18,7 @@ import os
 import sys
 import zipfile
 
+import files
 import folders
 
 class DownloadError(RuntimeError):
@@ -120,8 +121,8 @@ def coco_folder(root, max_images=5000, max_test=500, karpathy_url=COCO_KARPATHY,
             with z.open(name) as src, open(split_file + ".part", "wb") as dst:
                 dst.write(src.read())
         os.replace(split_file + ".part", split_file)
-    with open(split_file, encoding="utf-8") as f:
-        images = json.load(f)["images"]
+    with open(split_file, "rb") as f:
+        images = files.loads(f.read())["images"]
     chosen = {"train": [im for im in images if im["split"] in ("train", "restval")][:max_images],
               "test": [im for im in images if im["split"] == "test"][:max_test]}
 
@@ -214,7 +215,7 @@ if __name__ == "__main__":
         sys.exit(f"usage: python download.py NAME [--data_dir=DIR] [--images=True]; NAME is one of {', '.join(BENCHMARKS)}")
     opts = dict(data_dir=f"data/{name}", images=False, max_images=5000, max_test=500, karpathy_url=COCO_KARPATHY,
                 images_url=COCO_IMAGES, workers=8)
-    configure(opts, sys.argv[2:])
+    configure(opts, sys.argv[2:], exit_on_error=True)
     try:
         if name != "coco":
             fetch_benchmark(name, opts["data_dir"], opts["images"])

@@ -6,7 +6,7 @@ Few-shot evaluation with OpenFlamingo's protocol (Awadalla et al. 2023; its open
     python eval.py --task=vqav2 --data_dir=data/vqav2 --shots=0,4,8,16,32 --num_trials=3 --results=vqav2.json
 
 (`python download.py vqav2` fetches a benchmark's public files.) Read top to bottom:
-1. Tasks: the benchmarks from their published annotation files, and your own folders.
+1. Tasks: the benchmarks from their published annotation files, and your own folders (benchmarks.py).
 2. The protocol. For each shot count and trial (trial t uses seed trial_seed + t):
    - demonstrations from the training split: random ones, drawn for each query from a fixed query set of
      query_set_size training examples, or RICES (rices=True): the training images most similar to the
@@ -36,8 +36,9 @@ import numpy as np
 import torch
 
 import data
-import folders
+import files
 import shapes
+from benchmarks import read_task
 from metrics import cider, exact_match, ptb_tokenize, roc_auc, vqa_accuracy  # noqa: F401 (importable from here)
 from tokenizer import CAPTION, EOC, EOT, VQA, get_tokenizer
 
@@ -63,89 +64,10 @@ device = "cpu"
 # -----------------------------------------------------------------------------
 
 # =============================================================================
-# 1. Tasks
-#
-# An example is a dict: id, image (a path), and captions; or question and answers; or text (the meme's
-# words) and label (0/1). Each reader returns (train, test): the demonstration pool and the test set.
+# 1. Tasks: read by benchmarks.py (examples are dicts: image and captions, or question and answers, or text and label)
 
 HATEFUL = "<image>is an image with: '{text}' written on it. Is it hateful? Answer:{answer}<|endofchunk|>"
 CLASS_NAMES = ("no", "yes")  # HatefulMemes labels 0 and 1, ranked by the model
-
-
-def find_file(root, name, benchmark):
-    """root/name or root/*/name (archives unpack into a folder of their own)."""
-    for path in [os.path.join(root, name)] + [os.path.join(root, d, name) for d in sorted(os.listdir(root))
-                                               if os.path.isdir(os.path.join(root, d))]:
-        if os.path.isfile(path):
-            return path
-    raise FileNotFoundError(f"{name} not found in {root} or its subfolders; "
-                            f"`python download.py {benchmark} --data_dir={root}` fetches it where it is public")
-
-
-def load_json(root, name, benchmark):
-    with open(find_file(root, name, benchmark), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def read_karpathy(root, name):
-    """COCO or Flickr30K captions in Karpathy's split file (dataset_coco.json / dataset_flickr30k.json):
-    the "train" images are the demonstration pool and the "test" images the test set, as OpenFlamingo."""
-    out = {"train": [], "test": []}
-    for im in load_json(root, f"dataset_{name}.json", name)["images"]:
-        if im["split"] in out:
-            folder = im.get("filepath", "flickr30k-images")  # COCO's entries name their folder (train2014, val2014)
-            out[im["split"]].append({"id": im.get("cocoid", im.get("imgid")), "image": os.path.join(root, folder, im["filename"]),
-                                     "captions": [s["raw"].strip() for s in im["sentences"]]})
-    return out["train"], out["test"]
-
-
-def read_vqa_pair(root, questions, annotations, image, benchmark):
-    """VQA-format files (VQAv2, OK-VQA): questions {"questions": [...]}, annotations {"annotations": [...]}."""
-    answers = {a["question_id"]: [x["answer"] for x in a["answers"]]
-               for a in load_json(root, annotations, benchmark)["annotations"]}
-    return [{"id": q["question_id"], "image": image(q["image_id"]), "question": q["question"],
-             "answers": answers[q["question_id"]]} for q in load_json(root, questions, benchmark)["questions"]]
-
-
-def read_task(name, root):
-    """(train, test) examples of a task, with the kind: "captions", "vqa" or "classification"."""
-    if name in ("captions", "vqa"):  # a folder of your own (README, "Your own data")
-        return folders.read_folder(root, "train", name), folders.read_folder(root, "test", name), name
-    if name in ("coco", "flickr30k"):
-        return (*read_karpathy(root, name), "captions")
-    if name in ("vqav2", "okvqa"):
-        prefix = "v2_" if name == "vqav2" else ""
-        split = [read_vqa_pair(root, f"{prefix}OpenEnded_mscoco_{s}2014_questions.json",
-                               f"{prefix}mscoco_{s}2014_annotations.json",
-                               lambda i, s=s: os.path.join(root, f"{s}2014", f"COCO_{s}2014_{i:012d}.jpg"), name)
-                 for s in ("train", "val")]
-        return (*split, "vqa")
-    if name == "textvqa":  # TextVQA 0.5.1; train and val images both live in train_images/
-        split = [[{"id": d["question_id"], "image": os.path.join(root, "train_images", d["image_id"] + ".jpg"),
-                   "question": d["question"], "answers": d["answers"]}
-                  for d in load_json(root, f"TextVQA_0.5.1_{s}.json", name)["data"]] for s in ("train", "val")]
-        return (*split, "vqa")
-    if name == "vizwiz":
-        split = [[{"id": d["image"], "image": os.path.join(root, s, d["image"]), "question": d["question"],
-                   "answers": [a["answer"] for a in d["answers"]]} for d in load_json(root, f"{s}.json", name)]
-                 for s in ("train", "val")]
-        return (*split, "vqa")
-    if name == "hateful_memes":  # train.jsonl; the test set is test_seen.jsonl when present, else dev_seen.jsonl
-        def lines(file):
-            out, path = [], find_file(root, file, name)
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    try:
-                        d = json.loads(line)
-                        out.append({"id": d["id"], "image": os.path.join(root, d["img"]), "text": d["text"],
-                                    "label": int(d["label"])})
-                    except (ValueError, KeyError, TypeError) as e:  # also the unlabelled test_unseen lines
-                        print(f"{path}:{n}: skipped: {type(e).__name__} {e}")
-            return out
-        test_file = "test_seen.jsonl" if os.path.exists(os.path.join(root, "test_seen.jsonl")) else "dev_seen.jsonl"
-        return lines("train.jsonl"), lines(test_file), "classification"
-    raise ValueError(f"unknown task {name!r}; known: shapes, coco, flickr30k, vqav2, okvqa, textvqa, vizwiz, "
-                     "hateful_memes, captions, vqa")
 
 
 # =============================================================================
@@ -184,7 +106,8 @@ def build_prompt(kind, tok, demos, query, zero_shot=False):
 
 
 def load_images(paths, vision):
-    """Image files -> (N, 1, 3, H, W) with CLIP's evaluation preprocessing (VisionEncoder.preprocess)."""
+    """Image files -> (N, 1, 3, H, W) with CLIP's evaluation preprocessing (VisionEncoder.preprocess). Raises
+    whatever PIL raises for a bad file (OSError, DecompressionBombError over 179M pixels, ...)."""
     from PIL import Image
     out = []
     for p in paths:
@@ -202,25 +125,28 @@ def image_features(model, examples, cache_dir, label, model_id="", batch_size=64
     """RICES features: the vision encoder's tokens averaged and L2-normalised, (N, D), one row per example
     (OpenFlamingo uses CLIP's pooled embedding; this uses the tower Flamingo reads). Cached on disk, keyed by
     the encoder, `model_id` (the checkpoint, whose tower may be its own) and the examples' images; the cache is
-    loaded without executing code (weights_only)."""
+    loaded without executing code (files.torch_load)."""
     from tqdm import tqdm
-    from model import atomic_save
     key = hashlib.sha1(json.dumps([model.vision.name, str(model.vision.pretrained), model_id,
                                    [e["image"] for e in examples]]).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"{label}-{key}.pt")
     if os.path.exists(path):
-        return torch.load(path, weights_only=True)
+        try:
+            return files.torch_load(path)
+        except files.FileError as e:  # a damaged cache is computed again
+            print(f"RICES ({label}): {e}; computing it again")
     feats, bad = [], 0
     for i in tqdm(range(0, len(examples), batch_size), desc=f"RICES features ({label})"):
         batch = examples[i:i + batch_size]
         try:
             x = load_images([e["image"] for e in batch], model.vision).to(device_of(model))  # (n, 1, 3, H, W)
-        except (OSError, ValueError):  # an unreadable image in this batch: one at a time, a zero row for it
+        except Exception:  # an unreadable image in this batch (any decoder error, a decompression bomb): one at a
+            # time, a zero row for it
             rows = []
             for e in batch:
                 try:
                     rows.append(load_images([e["image"]], model.vision)[0])
-                except (OSError, ValueError):
+                except Exception:
                     rows.append(None)
                     bad += 1
             f = [None if r is None else image_features_of(model, r[None].to(device_of(model)))[0] for r in rows]
@@ -230,8 +156,11 @@ def image_features(model, examples, cache_dir, label, model_id="", batch_size=64
     if bad:
         print(f"RICES ({label}): {bad} unreadable images get no similarity and are never chosen")
     feats = torch.cat(feats)                                                             # (N, D)
-    os.makedirs(cache_dir, exist_ok=True)
-    atomic_save(feats, path)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        files.atomic_save(feats, path)
+    except (OSError, files.FileError) as e:  # no cache (a read-only data_dir, a full disk): the evaluation goes on
+        print(f"RICES ({label}): features not cached: {e}")
     return feats
 
 
@@ -313,7 +242,7 @@ def run_trial(model, tok, kind, train, test, k, seed, rices_feats=None, num_samp
             continue
         try:
             images = load_images(paths, model.vision)
-        except (OSError, ValueError) as e:  # missing, truncated or unreadable image: counted, not fatal
+        except Exception as e:  # missing, truncated, undecodable, a decompression bomb: counted, not fatal
             skipped[f"unreadable image ({type(e).__name__})"] += 1
             continue
         if kind == "classification":
@@ -430,37 +359,85 @@ def table(records):
     return "\n".join(lines)
 
 
+def open_results(path):
+    """The records already in --results `path` (a rerun skips their trials), with the file locked for this run:
+    one eval.py writes a results file at a time. SystemExit with one line when it is in use or not ours."""
+    if not path:
+        return []
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        files.lock(path + ".lock", f"--results {path}")
+        files.remove_leftovers(folder, [os.path.basename(path)])  # a killed run's unfinished write
+        if not os.path.exists(path):
+            return []
+        with open(path, "rb") as f:
+            records = files.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError, files.FileError) as e:
+        raise SystemExit(f"error: --results {path}: {e}") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise SystemExit(f"error: --results {path} is not a list of eval.py's records: choose another file")
+    return records
+
+
 def main():
-    from configurator import configure
+    from configurator import check, configure
     from model import load_model
     configure(globals())
+    check(globals(), at_least=dict(num_trials=1, num_samples=1, query_set_size=1, num_beams=1, max_new_tokens=1),
+          choices=dict(dtype=("float32", "bfloat16", "float16")), may_be_none=("num_samples", "num_beams", "max_new_tokens"))
     openflamingo = init_from.startswith("openflamingo/") or bool(lm)
     ckpt_path = init_from if init_from.endswith(".pt") else os.path.join(init_from, "ckpt.pt")
     if not openflamingo and not os.path.exists(ckpt_path):
         raise SystemExit(f"error: no checkpoint at {ckpt_path}. Train one first:  python train.py config/train_shapes.py")
+    if task != "shapes" and not data_dir:
+        raise SystemExit(f"error: --data_dir is needed for task {task!r} (README, Evaluation)")
+    records = open_results(results)  # every record stays in the file; the trials they hold are not run again
     try:
         model, tokenizer = load_model(init_from, lm, clip, clip_pretrained, dtype)
-    except (RuntimeError, FileNotFoundError, ValueError) as e:  # offline, missing files: say what to do
+    except (files.FileError, OSError, ValueError, RuntimeError) as e:  # offline, a missing or bad file: what to do
         raise SystemExit(f"error: {e}") from None
     model.eval().to(device)
     tok = get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
     shot_list = [int(s) for s in str(shots or ("0,1,2,4,8" if task == "shapes" else "0,4,8,16,32")).strip("()[]").split(",")
                  if s.strip()]  # "0,4" on the command line arrives as a tuple
-    base = {"task": task, "checkpoint": init_from if openflamingo else os.path.abspath(init_from), "demos": "rices" if rices else "random"}
+    base = {"task": task, "checkpoint": init_from if openflamingo else os.path.abspath(init_from),
+            "demos": "rices" if rices else "random", "settings": dict(
+                num_samples=num_samples, num_beams=num_beams, max_new_tokens=max_new_tokens, dtype=dtype,
+                **({} if task == "shapes" else dict(data_dir=os.path.abspath(data_dir), query_set_size=query_set_size)))}
+    mine = lambda r: all(r.get(k) == v for k, v in base.items())  # noqa: E731  a record of these settings
+
+    def finish(new, shots_seed):
+        """Keep a trial's records, written at once (atomically): a later failure or kill loses none of them."""
+        records.extend({**base, **shots_seed, **r} for r in new)
+        if results:
+            data = json.dumps(records, indent=1).encode()
+            try:
+                files.atomic_write(results, lambda f: f.write(data), needed=len(data))
+            except files.FileError as e:
+                raise SystemExit(f"error: {e}") from None
+
+    def done(**shots_seed):
+        hit = any(mine(r) and all(r.get(k) == v for k, v in shots_seed.items()) for r in records)
+        if hit:
+            print(f"{shots_seed}: in {results} already, not run again")
+        return hit
+
     # a bf16 LM (dtype) next to the fp32 trained parts: autocast casts each matmul's operands to one dtype
     amp = nullcontext() if dtype == "float32" else torch.autocast("cuda" if "cuda" in device else "cpu",
                                                                   dtype=getattr(torch, dtype))
-    records = []
     with amp:
         if task == "shapes":
-            for t in range(num_trials):
-                for r in run_shapes(model, tok, shot_list, trial_seed + t, num_samples or 200, max_new_tokens or 12,
-                                    num_beams or 1):
-                    records.append({**base, **r, "seed": trial_seed + t, "n": num_samples or 200})
+            for seed in range(trial_seed, trial_seed + num_trials):
+                if not done(seed=seed):
+                    finish([{**r, "n": num_samples or 200} for r in run_shapes(
+                        model, tok, shot_list, seed, num_samples or 200, max_new_tokens or 12, num_beams or 1)],
+                        {"seed": seed})
         else:
-            if not data_dir:
-                raise SystemExit(f"error: --data_dir is needed for task {task!r} (README, Evaluation)")
-            train, test, kind = read_task(task, data_dir)
+            try:
+                train, test, kind = read_task(task, data_dir)
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"error: {e}") from None
             print(f"{task}: {len(train)} training examples (demonstrations), {len(test)} test examples")
             feats = None
             if rices:
@@ -468,17 +445,14 @@ def main():
                 feats = tuple(image_features(model, split, cache, f"{task}-{name}", init_from)
                               for name, split in (("train", train), ("test", test)))
             for k in shot_list:
-                for t in range(num_trials):
-                    out = run_trial(model, tok, kind, train, test, k, trial_seed + t, feats, num_samples,
-                                    query_set_size, max_new_tokens or max_new_tokens_of(task, kind), num_beams or 3,
-                                    label=task)
-                    records.append({**base, "shots": k, "seed": trial_seed + t, **out})
-    print(table(records))
+                for seed in range(trial_seed, trial_seed + num_trials):
+                    if not done(shots=k, seed=seed):
+                        finish([run_trial(model, tok, kind, train, test, k, seed, feats, num_samples, query_set_size,
+                                          max_new_tokens or max_new_tokens_of(task, kind), num_beams or 3, label=task)],
+                               {"shots": k, "seed": seed})
+    print(table([r for r in records if mine(r)]))
     if results:
-        os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
-        with open(results, "w") as f:
-            json.dump(records, f, indent=1)
-        print(f"wrote {len(records)} records to {results}")
+        print(f"{len(records)} records in {results}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from collections import Counter
 import numpy as np
 import torch
 
+import files
 from data import CLIP_MEAN, CLIP_STD, batch_indices, collate, decode_error, load_image_file, normalize, \
     trim_dangling_images
 from tokenizer import CAPTION, VQA
@@ -28,8 +29,8 @@ from tokenizer import CAPTION, VQA
 
 
 def folder_image(folder, name, check=False):
-    """The absolute path of image `name` of a dataset folder; ValueError when it is absolute, leaves the folder,
-    is missing, or (check=True) cannot be decoded."""
+    """The absolute path of image `name` of a dataset folder; ValueError when it is absolute, leaves the folder
+    (by "..", or by a symbolic link whose target is outside it), is missing, or (check=True) cannot be decoded."""
     if not isinstance(name, str) or not name:
         raise ValueError("no image path")
     if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
@@ -37,6 +38,9 @@ def folder_image(folder, name, check=False):
     path = os.path.join(os.path.abspath(folder), os.path.normpath(name))
     if not os.path.isfile(path):
         raise ValueError(f"image {name!r} not found")
+    root = os.path.realpath(folder)
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:  # a link (of the file or a folder on its way)
+        raise ValueError(f"image {name!r} links to a file outside the folder")
     why = check and decode_error(path)
     if why:
         raise ValueError(f"image {name!r} {why}")
@@ -103,9 +107,9 @@ def read_folder(folder, split="train", kind=None, log=print, check_images=False)
             continue
         try:
             try:
-                d = json.loads(line.decode("utf-8"))
+                d = files.loads(line.decode("utf-8"))
             except json.JSONDecodeError as e:
-                raise ValueError(f"not JSON ({e.msg})") from None
+                raise ValueError(f"not JSON ({e.msg})") from None  # (nested too deep: ValueError as it is)
             if not isinstance(d, dict):
                 raise ValueError("not a JSON object")
             line_kind = next((k for field, k in LINE_KINDS.items() if field in d), None)
@@ -312,8 +316,12 @@ class FeatureCache:
         self.index = {p: i for i, p in enumerate(sorted(set(image_paths)))}
         meta = {"key": key, "images": list(self.index)}
         if os.path.exists(path) and os.path.exists(path + ".json"):
-            with open(path + ".json") as f:
-                if json.load(f) == meta:
+            with open(path + ".json", "rb") as f:
+                try:
+                    same = files.loads(f.read()) == meta
+                except ValueError:  # torn or not ours: computed again
+                    same = False
+                if same:
                     self.array = np.load(path, mmap_mode="r")
                     log(f"vision features of {len(self.index)} images: {path} (cached)")
                     return

@@ -18,6 +18,8 @@ import re
 
 import torch
 
+import files
+
 # -----------------------------------------------------------------------------
 # 1. Files
 
@@ -38,8 +40,16 @@ def resolve_checkpoint_dir(path_or_hub_id):
 
 
 def read_config(path):
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
+    """A checkpoint directory's config.json as a dict; FileError when it is not a JSON object."""
+    file = os.path.join(path, "config.json")
+    with open(file, "rb") as f:
+        try:
+            config = files.loads(f.read().decode("utf-8"))
+        except ValueError as e:  # not UTF-8, not JSON, nested too deep
+            raise files.FileError(f"{file} is not a readable config ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise files.FileError(f"{file} is not a JSON object")
+    return config
 
 
 def load_state_dict(path, dtype=None):
@@ -51,7 +61,7 @@ def load_state_dict(path, dtype=None):
         index = os.path.join(path, single + ".index.json")  # model.safetensors.index.json, pytorch_model.bin...
         if os.path.exists(index):
             with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+                shards = sorted(set(files.loads(f.read())["weight_map"].values()))
             break
         if os.path.exists(os.path.join(path, single)):
             shards = [single]
@@ -65,9 +75,9 @@ def load_state_dict(path, dtype=None):
             part = load_file(file)
         else:
             try:  # mapped, not read whole; files older than torch 1.6's zip format cannot be mapped
-                part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                part = files.torch_load(file, map_location="cpu", mmap=True)
             except RuntimeError:
-                part = torch.load(file, map_location="cpu", weights_only=True)
+                part = files.torch_load(file, map_location="cpu")
         sd.update({k: v if dtype is None or not v.is_floating_point() else v.to(dtype) for k, v in part.items()})
         del part
     return sd
@@ -367,7 +377,9 @@ def read_openflamingo(path, arch, n_layer, n_embd):
     (its trained parts under our names, "perceiver.*" and "xattn.{i}.*"; the LM's input table (V + 3, C) as
     OpenFlamingo trained it, the new tokens' rows last; the FlamingoConfig fields its layout implies: which
     layers have a gated block, the resampler's depth and latents, the heads). Every tensor must find its place."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = files.torch_load(path, map_location="cpu")
+    if not isinstance(sd, dict):
+        raise files.FileError(f"{path} is not an OpenFlamingo checkpoint (a state dict)")
     sd = {k.removeprefix("module."): v for k, v in sd.get("model_state_dict", sd).items()}
     if arch not in OPENFLAMINGO_LM_KEYS:
         raise NotImplementedError(f"OpenFlamingo checkpoints with a {arch} LM (MPT's and GPT-NeoX's only)")

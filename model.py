@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+import files
 import generation
 import hf
 from lm import LM, LMConfig
@@ -350,7 +351,7 @@ class Flamingo(nn.Module):
         if self.config.clip_pretrained is None and self.config.freeze_vision:
             # a randomly initialised tower cannot be rebuilt from its name alone: keep its weights
             ckpt["vision"] = vision or {k: v.detach() for k, v in self.vision.state_dict().items()}
-        atomic_save(ckpt, path)
+        files.atomic_save(ckpt, path)
 
     @classmethod
     def from_checkpoint(cls, path, verbose=True, map_location="cpu", dtype=None):
@@ -358,10 +359,13 @@ class Flamingo(nn.Module):
         LM's, cast as it is read (the trained parts stay in fp32)."""
         if os.path.isdir(path):
             path = os.path.join(path, "ckpt.pt")
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        if "flamingo_config" not in ckpt:
-            raise ValueError(f"{path} is not a checkpoint of this project (no flamingo_config); an OpenFlamingo "
-                             "checkpoint.pt loads with Flamingo.from_openflamingo")
+        ckpt = files.torch_load(path, map_location=map_location)  # FileError: missing, truncated, holds code, ...
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("flamingo_config"), dict) or "model" not in ckpt:
+            raise files.FileError(f"{path} is not a checkpoint of this project (no flamingo_config and model); an "
+                                  "OpenFlamingo checkpoint.pt loads with --lm=<its LM> (README)")
+        unknown = sorted(set(ckpt["flamingo_config"]) - set(FlamingoConfig.__dataclass_fields__))
+        if unknown:
+            raise files.FileError(f"{path} was saved with model keys this code does not know: {unknown[:5]}")
         cfg = dict(ckpt["flamingo_config"])
         base = os.path.dirname(os.path.abspath(path))
         for key in ("lm", "clip_pretrained", "openflamingo"):  # paths saved relative to the checkpoint travel with it
@@ -383,8 +387,9 @@ class Flamingo(nn.Module):
         """Load trained parts, refusing any missing, unexpected or mis-shaped tensor by name."""
         current = self.trained_state_dict()
         missing, extra = sorted(set(current) - set(sd)), sorted(set(sd) - set(current))
-        if missing or extra:
-            raise KeyError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
+        if missing or extra:  # another config's or another version's checkpoint
+            raise ValueError(f"the checkpoint's trained tensors do not fit the model its config builds: "
+                             f"missing {missing[:5]}, unexpected {extra[:5]}")
         for k, v in sd.items():
             if v.shape != current[k].shape:
                 raise ValueError(f"{k}: checkpoint has shape {tuple(v.shape)}, the model {tuple(current[k].shape)}")
@@ -432,17 +437,3 @@ def load_model(init_from, lm="", clip="ViT-L-14", clip_pretrained="openai", dtyp
     model, ckpt = Flamingo.from_checkpoint(init_from, verbose=verbose, dtype=dtype)
     return model, ckpt.get("config", {}).get("tokenizer", "bytes")
 
-
-def atomic_save(obj, path):
-    """torch.save to a temp file, flushed to disk, then renamed over `path`: readers see the old file or the new
-    one, never half of one, whenever the writer dies."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, so a power loss cannot leave a torn file either
-        os.replace(tmp, path)  # atomic on POSIX
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import files
 import shapes
 from lm import LM, LMConfig
 from tokenizer import EOC, get_tokenizer
@@ -232,8 +233,8 @@ def pretrain(lm_dir, vision_file, tokenizer="shapes", lm_iters=600, vision_iters
     os.makedirs(os.path.dirname(os.path.abspath(vision_file)), exist_ok=True)
     if os.path.exists(os.path.join(lm_dir, "model.safetensors")):
         try:
-            with open(os.path.join(lm_dir, "stage1.json")) as f:
-                recipe = json.load(f).get("recipe")
+            with open(os.path.join(lm_dir, "stage1.json"), "rb") as f:
+                recipe = files.loads(f.read()).get("recipe")
         except FileNotFoundError:
             recipe = 1  # made before stage1.json existed
         except (ValueError, AttributeError):
@@ -249,10 +250,9 @@ def pretrain(lm_dir, vision_file, tokenizer="shapes", lm_iters=600, vision_iters
 
 
 if __name__ == "__main__":
-    import sys
     from configurator import configure
     out_dir, tokenizer, lm_iters, vision_iters, seed, clip, vision_stage, embedding_std = \
         "out-shapes/pretrained", "shapes", 600, 500, 0, "shapes-rn", 2, 0.25
-    configure(globals(), sys.argv[1:])
+    configure(globals(), exit_on_error=True)
     pretrain(os.path.join(out_dir, "lm"), os.path.join(out_dir, "vision.safetensors"), tokenizer, lm_iters,
              vision_iters, seed, clip, vision_stage, embedding_std)

@@ -43,8 +43,10 @@ while _i < len(sys.argv[1:]):
     else:
         _argv.append(_a)
     _i += 1
-from configurator import configure  # noqa: E402
-configure(globals(), _argv)
+from configurator import check, configure  # noqa: E402
+configure(globals(), _argv, exit_on_error=True)
+check(globals(), at_least=dict(max_new_tokens=1, temperature=0, top_k=1, top_p=0, num_beams=1),
+      at_most=dict(top_p=1), choices=dict(dtype=("float32", "bfloat16", "float16")), may_be_none=("top_k", "top_p"))
 # -----------------------------------------------------------------------------
 
 
@@ -61,7 +63,7 @@ if not openflamingo and not os.path.exists(ckpt):
 if not image:
     fail("give an image: python sample.py --image cat.jpg")
 
-from PIL import Image, UnidentifiedImageError  # noqa: E402
+from PIL import Image  # noqa: E402
 
 # every argument is checked before the slow imports and the model load
 if not prompt:
@@ -77,17 +79,18 @@ for path in image:
             pil_images.append(im.convert("RGB"))
     except FileNotFoundError:
         fail(f"image not found: {path}")
-    except (UnidentifiedImageError, OSError) as e:
-        fail(f"cannot read image {path}: {e}")
+    except Exception as e:  # not an image, truncated, a decompression bomb (PIL refuses over 179M pixels), ...
+        fail(f"cannot read image {path}: {type(e).__name__}: {e}")
 
 import torch  # noqa: E402
+from files import FileError  # noqa: E402
 from model import load_model  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
 torch.manual_seed(seed)
 try:
     model, tokenizer = load_model(init_from if openflamingo else ckpt, lm, clip, clip_pretrained, dtype)
-except (RuntimeError, FileNotFoundError, ValueError) as e:  # offline, missing files: say what to do
+except (FileError, OSError, ValueError, RuntimeError) as e:  # offline, a missing or bad file: say what to do
     fail(str(e))
 model.eval().to(device)
 tok = get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)

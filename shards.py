@@ -14,7 +14,6 @@ tokenizer.encode() (always plain text) and the special ids go where the format p
 
 import base64
 import glob
-import json
 import os
 import tarfile
 from collections import Counter
@@ -22,20 +21,32 @@ from collections import Counter
 import numpy as np
 import torch
 
+import files
 from data import CLIP_MEAN, CLIP_STD, collate, load_image, trim_dangling_images
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
+class _Header(tarfile.TarInfo):
+    """tarfile's header reader, but a header cut short (a file truncated inside one of its 512-byte blocks, or
+    ending without tar's end-of-archive blocks) is an error: tarfile takes it for the archive's end, in silence."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        if len(buf) < tarfile.BLOCKSIZE:
+            raise tarfile.ReadError("truncated")
+        return super().frombuf(buf, encoding, errors)
+
+
 def tar_groups(path, skipped):
     """The members of the tar shard at `path` grouped by key, as webdataset groups consecutive members -> yields
     (key, {extension: bytes}), e.g. ("000123", {"jpg": ..., "txt": ...}); the extension is all after the first
-    dot ("0.jpg" in "doc.0.jpg"). A shard that breaks off (truncated, not a tar, missing) counts once as
-    skipped["bad shard"]; its groups before the break were yielded. Candid: a file cut inside a 512-byte
-    header looks to tarfile like a shard that ends there: not counted, its last group comes out incomplete."""
-    key, group = None, {}
+    dot ("0.jpg" in "doc.0.jpg"). A shard that breaks off (truncated in a header or a member, not a tar, missing)
+    is counted in `skipped`, with how many samples came out of it before the break; the sample being read at the
+    break is lost with the rest (it may lack a member)."""
+    key, group, n = None, {}, 0
     try:
-        with tarfile.open(path, "r|*") as tar:  # stream mode: no index, no seeking, any compression
+        with tarfile.open(path, "r|*", tarinfo=_Header) as tar:  # stream mode: no index, no seeking, any compression
             for m in tar:
                 tar.members = []  # stream mode keeps every TarInfo otherwise: memory grows with the shard
                 if not m.isfile():
@@ -44,11 +55,12 @@ def tar_groups(path, skipped):
                 k, _, ext = base.partition(".")
                 if os.path.join(folder, k) != key and group:
                     yield key, group
-                    group = {}
+                    group, n = {}, n + 1
                 key = os.path.join(folder, k)
                 group[ext] = tar.extractfile(m).read()
-    except (tarfile.TarError, EOFError, OSError):  # OSError: a missing file, a bad gzip stream
-        skipped["bad shard"] += 1
+    except (tarfile.TarError, EOFError, OSError) as e:  # OSError: a missing file, a bad gzip stream
+        truncated = "truncated" in str(e) or "unexpected end" in str(e)
+        skipped[f"shard truncated after {n} samples: {os.path.basename(path)}" if truncated else "bad shard"] += 1
         return
     if group:
         yield key, group
@@ -62,7 +74,7 @@ def read_pairs(paths, skipped, image_size=224):
         for key, group in tar_groups(path, skipped):
             img = next((group[e] for e in group if e.lower() in IMAGE_EXTS), None)
             try:
-                d = {"caption": group["txt"].decode()} if "txt" in group else json.loads(group.get("json", b"{}"))
+                d = {"caption": group["txt"].decode()} if "txt" in group else files.loads(group.get("json", b"{}"))
                 caption = d.get("caption") if isinstance(d, dict) else None
                 caption = caption.strip() if isinstance(caption, str) else ""
             except ValueError:  # json.JSONDecodeError, UnicodeDecodeError
@@ -105,7 +117,7 @@ def read_docs(paths, skipped, image_size=224, sim_threshold=0.24, max_images=6):
     for path in paths:
         for key, group in tar_groups(path, skipped):
             try:
-                doc = json.loads(group["json"])
+                doc = files.loads(group["json"])
             except (KeyError, ValueError):  # no key.json, or not JSON
                 skipped["bad json"] += 1
                 continue

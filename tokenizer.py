@@ -15,12 +15,13 @@ Figure 6).
 
 import base64
 import functools
-import json
 import os
 import re
 import unicodedata
 
 import tiktoken
+
+import files
 
 # -----------------------------------------------------------------------------
 # 1. Markup and the Tokenizer
@@ -242,8 +243,11 @@ def hf_bpe_tokenizer(path, lm_vocab_size=None, new_tokens=(IMAGE, EOC)):
     on a tiktoken Encoding, giving the ids the `tokenizers` library gives (tests/test_tokenizer.py)."""
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
-    with open(path, encoding="utf-8") as f:
-        spec = json.load(f)
+    with open(path, "rb") as f:
+        try:
+            spec = files.loads(f.read().decode("utf-8"))
+        except ValueError as e:  # not UTF-8, not JSON, nested too deep
+            raise ValueError(f"{path} is not a tokenizer.json ({str(e).splitlines()[0]})") from None
     model, pre, norm = spec["model"], spec.get("pre_tokenizer") or {}, spec.get("normalizer")
     if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
         raise NotImplementedError(f"{path}: only byte-level BPE tokenizers are supported")

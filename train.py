@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import files
 import folders
 from lm import LM
 from model import Flamingo, FlamingoConfig, load_model
@@ -108,8 +109,15 @@ seed = 1337
 dry_run = False               # build the model on the meta device, print its sizes and memory per GPU, then exit
 dry_run_world_size = 8        # the number of processes (GPUs) a dry run estimates for
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
+from configurator import check, configure  # noqa: E402
 config = configure(globals())
+check(config, at_least=dict(eval_interval=1, log_interval=1, eval_iters=1, batch_size=1, gradient_accumulation_steps=1,
+                            block_size=2, max_iters=0, warmup_iters=0, lr_decay_iters=1, num_workers=0, shuffle_buffer=0,
+                            learning_rate=0, min_lr=0, weight_decay=0, grad_clip=0, gate_lr_mult=0, num_latents=1,
+                            resampler_depth=1, resampler_heads=1, xattn_heads=1, cross_attn_every_n_layers=1,
+                            max_num_frames=0, train_lm_layers=0, dry_run_world_size=1),
+      choices=dict(dtype=("float32", "bfloat16", "float16"), dataset=("shapes", "folder")),
+      may_be_none=("lr_decay_iters", "min_lr"))
 lr_decay_iters = lr_decay_iters or max_iters
 min_lr = learning_rate / 10 if min_lr is None else min_lr
 if pretrain_shapes:  # the shapes world's stand-ins for a pretrained LM and CLIP live in the run's out_dir
@@ -155,12 +163,13 @@ if dry_run:
     sys.exit(0)
 if fsdp and int(os.environ.get("RANK", -1)) == -1:  # then the run's own checks, before anything is loaded
     sys.exit("fsdp=True shards over processes: start train.py with torchrun (README, Scaling up)")
-if dataset not in ("shapes", "folder"):
-    raise NotImplementedError(f"dataset {dataset!r}: train.py reads the shapes world and folders so far")
-if not specs or len(weights) != len(specs) or len(sizes) != len(specs):
-    raise ValueError(f"dataset 'folder' needs data_dir (a folder, or several 'a,b') and one weight and batch size "
-                     f"per source: got data_dir={data_dir!r}, data_weights={data_weights!r}, "
-                     f"data_batch_sizes={data_batch_sizes!r}")
+if not specs or len(weights) != len(specs) or len(sizes) != len(specs) or min(sizes) < 1 or min(weights) < 0:
+    sys.exit(f"error: dataset 'folder' needs data_dir (a folder, or several 'a,b') and one weight >= 0 and batch size "
+             f">= 1 per source: got data_dir={data_dir!r}, data_weights={data_weights!r}, "
+             f"data_batch_sizes={data_batch_sizes!r}")
+if init_from == "resume" and not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+    sys.exit(f"error: init_from='resume', but {os.path.join(out_dir, 'ckpt.pt')} does not exist: start with "
+             "init_from='scratch' (or give the out_dir of the run to resume)")
 
 ddp = int(os.environ.get("RANK", -1)) != -1
 if ddp:
@@ -175,7 +184,15 @@ master = rank == 0
 if master:
     print(f"global batch: {batch_size * gradient_accumulation_steps * world_size} samples "
           f"({world_size} processes x {gradient_accumulation_steps} micro-steps x {batch_size})")
-os.makedirs(out_dir, exist_ok=True)
+if master:  # one run per out_dir at a time; what killed writes of an earlier run left is removed
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        files.lock(os.path.join(out_dir, "train.lock"), f"out_dir {out_dir}")
+    except (OSError, files.FileError) as e:
+        sys.exit(f"error: {e}")
+    for name in files.remove_leftovers(out_dir, ("ckpt.pt", "log.jsonl", "vision_features.npy",
+                                                 "vision_features.npy.json")):
+        print(f"removed {os.path.join(out_dir, name)}, a write a killed run left unfinished")
 torch.manual_seed(seed)  # the same initial weights on every process
 device_type = "cuda" if "cuda" in device else "cpu"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -187,34 +204,40 @@ autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=d
 # model
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 checkpoint, iter_num, best_val_loss = None, 0, float("inf")
-if init_from == "resume":
-    model, checkpoint = Flamingo.from_checkpoint(ckpt_path, verbose=master, dtype=lm_dtype)
-    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-    tokenizer = config["tokenizer"] = checkpoint["config"]["tokenizer"]
-elif finetune:  # the model and its tokenizer as the checkpoint has them: this config's model keys do not apply
-    from_ours = os.path.isfile(os.path.join(init_from, "ckpt.pt")) or os.path.basename(init_from) == "ckpt.pt"
-    if not from_ours and not lm and not init_from.startswith("openflamingo/"):
-        sys.exit(f"init_from={init_from!r}: not an out_dir of train.py (no ckpt.pt); an OpenFlamingo checkpoint.pt "
-                 "also needs lm=<its LM's directory>")
-    model, tokenizer = load_model(init_from, "" if from_ours else lm, clip, clip_pretrained, lm_dtype, verbose=master)
-    model.unfreeze_lm_layers(train_lm_layers, train_lm_embeddings)
-    config["tokenizer"] = tokenizer
-else:
-    if pretrain_shapes:  # stage 1: the stand-ins, made once
-        if master:
-            pretrain(lm, clip_pretrained, tokenizer, pretrain_lm_iters, pretrain_vision_iters, seed, clip,
-                     vision_stage)
-        if ddp:
-            dist.barrier()
-        torch.manual_seed(seed)  # stage 1 drew from the generator (on the master, if it ran at all): start again,
-        # so that the trained parts start alike whether stage 1 ran here or before, on every process
-    model = Flamingo.from_pretrained(lm=lm, clip=clip, clip_pretrained=clip_pretrained, verbose=master, dtype=lm_dtype,
-                                     **flamingo_options)
+try:  # a file that cannot be read, another config's checkpoint, an LM that cannot be found: one line
+    if init_from == "resume":
+        model, checkpoint = Flamingo.from_checkpoint(ckpt_path, verbose=master, dtype=lm_dtype)
+        if not all(k in checkpoint for k in ("iter_num", "best_val_loss", "config", "optimizer", "rng")):
+            raise files.FileError(f"{ckpt_path} holds a model but not a training run's state (iter_num, optimizer, "
+                                  "rng): fine-tune from it with init_from=<its folder> and another out_dir")
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        tokenizer = config["tokenizer"] = checkpoint["config"]["tokenizer"]
+    elif finetune:  # the model and its tokenizer as the checkpoint has them: this config's model keys do not apply
+        from_ours = os.path.isfile(os.path.join(init_from, "ckpt.pt")) or os.path.basename(init_from) == "ckpt.pt"
+        if not from_ours and not lm and not init_from.startswith("openflamingo/"):
+            sys.exit(f"error: init_from={init_from!r}: not an out_dir of train.py (no ckpt.pt); an OpenFlamingo "
+                     "checkpoint.pt also needs lm=<its LM's directory>")
+        model, tokenizer = load_model(init_from, "" if from_ours else lm, clip, clip_pretrained, lm_dtype, master)
+        model.unfreeze_lm_layers(train_lm_layers, train_lm_embeddings)
+        config["tokenizer"] = tokenizer
+    else:
+        if pretrain_shapes:  # stage 1: the stand-ins, made once
+            if master:
+                pretrain(lm, clip_pretrained, tokenizer, pretrain_lm_iters, pretrain_vision_iters, seed, clip,
+                         vision_stage)
+            if ddp:
+                dist.barrier()
+            torch.manual_seed(seed)  # stage 1 drew from the generator (on the master, if it ran at all): start again,
+            # so that the trained parts start alike whether stage 1 ran here or before, on every process
+        model = Flamingo.from_pretrained(lm=lm, clip=clip, clip_pretrained=clip_pretrained, verbose=master,
+                                         dtype=lm_dtype, **flamingo_options)
+except (files.FileError, OSError, ValueError, RuntimeError) as e:
+    sys.exit(f"error: {e}")
 model.to(device)
 model.activation_checkpointing = activation_checkpointing
 tok = get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
 if model.lm.config.max_context and block_size > model.lm.config.max_context:  # GPT-2's positions, MPT's max_seq_len
-    sys.exit(f"block_size {block_size} is longer than the LM's {model.lm.config.max_context} positions")
+    sys.exit(f"error: block_size {block_size} is longer than the LM's {model.lm.config.max_context} positions")
 assert (tok.image_id, tok.eoc_id) == (model.media_token_id, model.eoc_token_id)
 mean, std, size = model.vision.mean, model.vision.std, model.vision.image_size
 size = size if isinstance(size, int) else size[0]
@@ -349,16 +372,22 @@ def gates():
 
 
 log_path = os.path.join(out_dir, "log.jsonl")
-if master:  # a new run starts a new log; a resumed one keeps only what its checkpoint had seen
-    kept = open(log_path).readlines() if init_from == "resume" and os.path.exists(log_path) else []
-    with open(log_path, "w") as f:
-        f.writelines(line for line in kept if json.loads(line)["iter"] <= iter_num)
+if master:  # a new run starts a new log; a resumed one keeps what its checkpoint had seen (files.resume_log)
+    try:
+        note = files.resume_log(log_path, iter_num) if init_from == "resume" else files.new_log(log_path)
+    except files.FileError as e:
+        sys.exit(f"error: {e}")
+    if note:
+        print(note)
 
 
 def log(record):
+    """Append a record to log.jsonl; a write that fails (a full disk) stops the run: nothing trains unrecorded."""
     if master:
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            files.append_log(log_path, record)
+        except files.FileError as e:
+            sys.exit(f"error: {e}; training stopped at iter {iter_num}")
 
 
 if wandb_log and master:
@@ -387,8 +416,11 @@ while True:
                 trained, vision = whole(raw_model.trained_state_dict()), whole(raw_model.vision.state_dict())
             opt_state = optimizer_state()
             if master:
-                raw_model.save_checkpoint(ckpt_path, trained, vision, optimizer=opt_state, iter_num=iter_num,
-                                          best_val_loss=best_val_loss, config=config, rng=torch.get_rng_state())
+                try:
+                    raw_model.save_checkpoint(ckpt_path, trained, vision, optimizer=opt_state, iter_num=iter_num,
+                                              best_val_loss=best_val_loss, config=config, rng=torch.get_rng_state())
+                except files.FileError as e:  # the previous checkpoint is whole: resume from it once there is room
+                    sys.exit(f"error: {e}; training stopped at iter {iter_num}")
                 print(f"saved {ckpt_path}")
     if iter_num >= max_iters:
         break

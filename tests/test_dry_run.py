@@ -15,7 +15,6 @@ import sys
 import pytest
 import torch
 
-from lm import LMConfig
 from model import Flamingo, FlamingoConfig
 from test_model import EOC, IMG, LM_CONFIGS, OPTS, V, images_for, open_gates_, randomize_
 from test_train import ENV, ROOT

@@ -209,7 +209,6 @@ def test_hub_names_read_from_the_hub_cache(tmp_path, mpt_dir):
 def test_finetune_an_openflamingo_checkpoint_on_a_folder(tmp_path, mpt_dir):
     """train.py fine-tunes a local OpenFlamingo checkpoint.pt on a folder (train_lm_layers=1): the checkpoint it
     writes rebuilds through from_checkpoint, with the trained parts (and the LM's top layer) moved, nothing else."""
-    import os
     import shutil
     import subprocess
     import sys

@@ -1,7 +1,6 @@
 """sample.py as a user runs it (a subprocess, CPU, no network): clear errors without a traceback, and the last
 line of output is the greedy continuation, computed here in-process from the same checkpoint."""
 
-import os
 import subprocess
 import sys
 

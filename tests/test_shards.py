@@ -3,7 +3,6 @@
 import base64
 import io
 import json
-import os
 import tarfile
 from collections import Counter
 
@@ -39,7 +38,7 @@ def write_tar(path, members):
 
 
 def truncate_in_last_member(path):
-    """Cut the file in the middle of its last member's data (not at a header: tarfile would not notice)."""
+    """Cut the file in the middle of its last member's data (a cut inside a header: the test below)."""
     with tarfile.open(path) as tar:
         last = tar.getmembers()[-1]
     with open(path, "r+b") as f:
@@ -84,7 +83,26 @@ def test_pairs_read_good_samples_and_count_bad_ones(tmp_path):
     for key, (cap, img) in good.items():
         assert got[key][0] == cap
         assert got[key][1].dtype == np.uint8 and np.array_equal(got[key][1], img)  # PNG at its own size: exact
-    assert skipped == {"bad image": 1, "no caption": 1, "bad json": 1, "no image": 1, "bad shard": 2}
+    assert skipped == {"bad image": 1, "no caption": 1, "bad json": 1, "no image": 1, "bad shard": 1,
+                       "shard truncated after 2 samples: 001.tar": 1}
+
+
+def test_a_truncated_shard_counts_what_it_lost(tmp_path):
+    """Cut anywhere (inside a 512-byte header, inside a member's data, before the end-of-archive blocks), a shard
+    yields the samples before the cut and says how many, never ends in silence as if it were whole."""
+    members = [(f"{i:04d}.{ext}", bytes([i]) * (300 + 37 * i)) for i in range(8) for ext in ("jpg", "txt")]
+    whole = open(write_tar(tmp_path / "whole.tar", members), "rb").read()
+    skipped = Counter()
+    assert len(list(shards.tar_groups(str(tmp_path / "whole.tar"), skipped))) == 8 and not skipped
+    end = whole.rindex(bytes([7]) * (300 + 37 * 7)) + 300 + 37 * 7  # the last member's data ends here
+    for cut in list(range(0, end, 97)) + [end, end + 1]:
+        (tmp_path / "cut.tar").write_bytes(whole[:cut])
+        skipped = Counter()
+        groups = list(shards.tar_groups(str(tmp_path / "cut.tar"), skipped))
+        assert skipped == {f"shard truncated after {len(groups)} samples: cut.tar": 1}, cut
+        assert [k for k, _ in groups] == [f"{i:04d}" for i in range(len(groups))]
+        assert all(g == {"jpg": bytes([i]) * (300 + 37 * i), "txt": bytes([i]) * (300 + 37 * i)}
+                   for i, (_, g) in enumerate(groups))
 
 
 def test_pairs_resize_and_centre_crop(tmp_path):

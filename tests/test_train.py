@@ -2,7 +2,7 @@
 
 - 2 DDP processes with accumulation 1 follow the run of 1 process with accumulation 2 (train.py's docstring);
 - a run stopped at a checkpoint and resumed is the uninterrupted run, bit for bit (weights, optimizer, log);
-- a checkpoint write that dies leaves the previous checkpoint whole (model.atomic_save);
+- a checkpoint write that dies leaves the previous checkpoint whole (files.atomic_save);
 - the format of log.jsonl; a new run starts a new log, a resumed one drops what followed its checkpoint.
 """
 
@@ -20,6 +20,7 @@ import time
 import pytest
 import torch
 
+import files
 import model as model_module
 from lm import LM, LMConfig
 from vision import register_clip_configs
@@ -227,8 +228,14 @@ def test_resume_is_the_uninterrupted_run(assets, reference, tmp_path):
     assert train_losses(first) == {k: v for k, v in train_losses(ref).items() if k <= 4}
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"] == 4
     with open(os.path.join(out, "log.jsonl"), "a") as f:  # logged after the checkpoint, by a run that then died
-        f.write(json.dumps({"iter": 5, "loss": 1.0}) + "\n")
+        f.write(json.dumps({"iter": 5, "loss": 1.0}) + "\n" + '{"iter": 6, "lo')  # ... in the middle of a line
+    for leftover in ("ckpt.pt.tmp4242", "log.jsonl.tmp17", "notes.txt.tmp1"):  # writes killed mid-way; not ours
+        open(os.path.join(out, leftover), "wb").close()
     log = run_train(out, *common, "--max_iters=8", "--init_from=resume")
+    printed = open(os.path.join(out, "stdout.txt")).read()
+    assert "log.jsonl: dropped 1 records after iter 4 and 1 torn or unreadable lines" in printed
+    assert "ckpt.pt.tmp4242, a write a killed run left unfinished" in printed
+    assert sorted(f for f in os.listdir(out) if ".tmp" in f) == ["notes.txt.tmp1"]
 
     def strip(records):  # everything but the timing
         return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in records]
@@ -248,7 +255,7 @@ def test_resume_is_the_uninterrupted_run(assets, reference, tmp_path):
 def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     old = {"iter_num": 1, "w": torch.arange(1000.0)}
-    model_module.atomic_save(old, path)
+    files.atomic_save(old, path)
     before = open(path, "rb").read()
 
     def crashing_save(obj, f, *args, **kwargs):  # f: a path or an open file
@@ -259,8 +266,8 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
                 fh.write(b"PK\x03\x04 half a zip file")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(OSError, match="disk full"):
-        model_module.atomic_save({"iter_num": 2, "w": torch.zeros(1000)}, path)
+    with pytest.raises(files.FileError, match="disk full"):
+        files.atomic_save({"iter_num": 2, "w": torch.zeros(1000)}, path)
     monkeypatch.undo()
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
@@ -271,7 +278,7 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 KILLED_WRITER = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from model import atomic_save
+from files import atomic_save
 for i in range(1, 1000):
     w = torch.full((8_000_000,), float(i))  # 32 MB
     atomic_save({{"i": i, "w": w}}, {path!r})
