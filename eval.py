@@ -395,8 +395,8 @@ def main():
     records = open_results(results)  # every record stays in the file; the trials they hold are not run again
     try:
         model, tokenizer = load_model(init_from, lm, clip, clip_pretrained, dtype)
-    except (files.FileError, OSError, ValueError, RuntimeError) as e:  # offline, a missing or bad file: what to do
-        raise SystemExit(f"error: {e}") from None
+    except files.LOAD_ERRORS as e:  # offline, a missing or bad file: say what to do
+        raise SystemExit(f"error: {files.message(e)}") from None
     model.eval().to(device)
     tok = get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
     shot_list = [int(s) for s in str(shots or ("0,1,2,4,8" if task == "shapes" else "0,4,8,16,32")).strip("()[]").split(",")

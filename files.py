@@ -36,6 +36,15 @@ class FileError(Exception):
     """A file that cannot be read or written, with a one-line reason that says what to do."""
 
 
+LOAD_ERRORS = (FileError, OSError, ValueError, KeyError, RuntimeError)  # what loading a model can raise for a bad file
+
+
+def message(e):
+    """An exception as one line for `error: ...` (a KeyError's str() would quote its message)."""
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return str(text).strip() or type(e).__name__
+
+
 # -----------------------------------------------------------------------------
 # 1. JSON
 

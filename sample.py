@@ -83,15 +83,15 @@ for path in image:
         fail(f"cannot read image {path}: {type(e).__name__}: {e}")
 
 import torch  # noqa: E402
-from files import FileError  # noqa: E402
+from files import LOAD_ERRORS, message  # noqa: E402
 from model import load_model  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
 torch.manual_seed(seed)
 try:
     model, tokenizer = load_model(init_from if openflamingo else ckpt, lm, clip, clip_pretrained, dtype)
-except (FileError, OSError, ValueError, RuntimeError) as e:  # offline, a missing or bad file: say what to do
-    fail(str(e))
+except LOAD_ERRORS as e:  # offline, a missing or bad file: say what to do
+    fail(message(e))
 model.eval().to(device)
 tok = get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
 

@@ -136,8 +136,11 @@ sizes = listed(data_batch_sizes, int) if data_batch_sizes is not None else [batc
 if dry_run:
     if finetune:  # the model this project's checkpoint describes, with this run's train_lm_layers and _embeddings
         path = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) else init_from
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if os.path.isfile(path) else {}
-        if "flamingo_config" not in saved:
+        try:
+            saved = files.torch_load(path, map_location="cpu", mmap=True) if os.path.isfile(path) else {}
+        except files.FileError as e:
+            sys.exit(f"error: {e}")
+        if not isinstance(saved, dict) or "flamingo_config" not in saved:
             sys.exit(f"--dry_run=True with init_from={init_from!r}: dry runs read this project's checkpoints only")
         flamingo_options = dict(saved["flamingo_config"])
         lm, clip, clip_pretrained = (flamingo_options.pop(k) for k in ("lm", "clip", "clip_pretrained"))
@@ -231,8 +234,8 @@ try:  # a file that cannot be read, another config's checkpoint, an LM that cann
             # so that the trained parts start alike whether stage 1 ran here or before, on every process
         model = Flamingo.from_pretrained(lm=lm, clip=clip, clip_pretrained=clip_pretrained, verbose=master,
                                          dtype=lm_dtype, **flamingo_options)
-except (files.FileError, OSError, ValueError, RuntimeError) as e:
-    sys.exit(f"error: {e}")
+except files.LOAD_ERRORS as e:
+    sys.exit(f"error: {files.message(e)}")
 model.to(device)
 model.activation_checkpointing = activation_checkpointing
 tok = get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
