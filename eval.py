@@ -373,7 +373,9 @@ def open_results(path):
             return []
         with open(path, "rb") as f:
             records = files.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError, files.FileError) as e:
+    except files.FileError as e:
+        raise SystemExit(f"error: {e}") from None
+    except (OSError, ValueError) as e:
         raise SystemExit(f"error: --results {path}: {e}") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise SystemExit(f"error: --results {path} is not a list of eval.py's records: choose another file")

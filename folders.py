@@ -335,6 +335,9 @@ class FeatureCache:
             if out is None:
                 out = np.lib.format.open_memmap(path + ".part", mode="w+", dtype=dtype,
                                                 shape=(len(paths), *feats.shape[1:]))
+                if hasattr(os, "posix_fallocate"):  # the disk space now: a full disk is an OSError here, not a
+                    with open(path + ".part", "r+b") as f:  # SIGBUS when a page of the (sparse) map is written
+                        os.posix_fallocate(f.fileno(), 0, os.path.getsize(path + ".part"))
             out[i:i + len(feats)] = feats
         out.flush()
         del out

@@ -141,7 +141,7 @@ if dry_run:
         except files.FileError as e:
             sys.exit(f"error: {e}")
         if not isinstance(saved, dict) or "flamingo_config" not in saved:
-            sys.exit(f"--dry_run=True with init_from={init_from!r}: dry runs read this project's checkpoints only")
+            sys.exit(f"error: --dry_run=True with init_from={init_from!r}: dry runs read this project's checkpoints only")
         flamingo_options = dict(saved["flamingo_config"])
         lm, clip, clip_pretrained = (flamingo_options.pop(k) for k in ("lm", "clip", "clip_pretrained"))
         flamingo_options["train_lm_layers"] = max(train_lm_layers, flamingo_options.get("train_lm_layers", 0))
@@ -165,7 +165,7 @@ if dry_run:
     print(json.dumps({"total_params": trained + frozen, "trained_params": trained, "memory_per_gpu_gb": round(mem, 2)}))
     sys.exit(0)
 if fsdp and int(os.environ.get("RANK", -1)) == -1:  # then the run's own checks, before anything is loaded
-    sys.exit("fsdp=True shards over processes: start train.py with torchrun (README, Scaling up)")
+    sys.exit("error: fsdp=True shards over processes: start train.py with torchrun (README, Scaling up)")
 if not specs or len(weights) != len(specs) or len(sizes) != len(specs) or min(sizes) < 1 or min(weights) < 0:
     sys.exit(f"error: dataset 'folder' needs data_dir (a folder, or several 'a,b') and one weight >= 0 and batch size "
              f">= 1 per source: got data_dir={data_dir!r}, data_weights={data_weights!r}, "
@@ -284,9 +284,13 @@ if cache_vision_features and folder_rows:
     fingerprint = sum(p.double().sum().item() for p in model.vision.parameters())  # which weights
     key = f"{model.config.clip}|{model.config.clip_pretrained}|{model.config.vision_ln_post}|" \
           f"{model.config.vision_stage}|{size}|{fingerprint:.9e}"
-    folders.share_feature_cache(folder_rows, os.path.join(out_dir, "vision_features.npy"),
-                                lambda x: model.vision(x.to(device)), size, key, mean, std,
-                                np.float32 if dtype == "float32" else np.float16, master, dist.barrier if ddp else None, say)
+    try:
+        folders.share_feature_cache(folder_rows, os.path.join(out_dir, "vision_features.npy"),
+                                    lambda x: model.vision(x.to(device)), size, key, mean, std,
+                                    np.float32 if dtype == "float32" else np.float16, master,
+                                    dist.barrier if ddp else None, say)
+    except OSError as e:  # a full disk: the run stops before its first step
+        sys.exit(f"error: {files.write_failure(os.path.join(out_dir, 'vision_features.npy'), e)}")
 
 if fsdp:  # weights, gradients and optimizer state split over the processes (Flamingo.fully_shard)
     model.fully_shard()

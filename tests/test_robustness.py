@@ -453,3 +453,18 @@ def test_eval_counts_bad_examples_and_keeps_finished_trials(trained, tmp_path):
     assert stdout.count("not run again") == len(first)
     rc, stdout, _ = run(*args)  # everything done: nothing runs
     assert rc == 0 and stdout.count("not run again") == 6 and json.load(open(res)) == records
+
+
+def test_eval_results_have_one_writer(trained, tmp_path):
+    _, out = trained
+    res = str(tmp_path / "r.json")
+    p = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=ROOT, path=res + ".lock")], env=ENV,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        assert_one_error_line(*run("eval.py", f"--init_from={out}", f"--results={res}"),
+                              f"--results {res} is in use by another run (pid {p.pid})")
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert not os.path.exists(res)
