@@ -3,8 +3,8 @@ uninterrupted run (docs/measurements.md has what it measured). Not a test: it ru
 
     python tests/kill_harness.py [KILLS] [SEED] [MAX_ITERS]
 
-Every second kill falls at a random moment 2 to 8 s into a run, the others the instant a temp file shows in the
-out_dir (a checkpoint write, or the rewrite of log.jsonl on resume, in progress)."""
+Every second kill falls at a random moment 2 to 8 s into a run, the others the instant a temp file shows in an
+out_dir that holds a checkpoint (a later checkpoint's write, or the rewrite of log.jsonl on resume, in progress)."""
 
 import json
 import os
@@ -49,7 +49,7 @@ while True:
             killed += 1
     elif killed < kills:
         while p.poll() is None:
-            if os.path.isdir(out) and any(".tmp" in f for f in os.listdir(out)):
+            if os.path.exists(f"{out}/ckpt.pt") and any(".tmp" in f for f in os.listdir(out)):  # an old one to lose
                 p.send_signal(signal.SIGKILL)
                 killed, inside = killed + 1, inside + 1
                 break
