@@ -136,15 +136,36 @@ def alibi_slopes(n_head, bias_max=8.0):
     return slopes.float()
 
 
-def alibi_bias(slopes, pos):
-    """The additive attention bias of ALiBi with the causal mask folded in: (h, T, pos[-1] + 1) for queries at
-    positions pos (T,) and keys at 0..pos[-1] (a KV cache always holds every earlier token).
-    Query i, key j: -slope * (i - j) for j <= i, -inf after. MPT adds slope * (j - last), which differs by a
-    constant per query row: the same softmax."""
-    keys = torch.arange(int(pos[-1]) + 1, device=pos.device)
-    dist = (keys[None, :] - pos[:, None]).float()                        # (T, S), <= 0 where visible
-    bias = slopes.to(pos.device)[:, None, None] * dist                   # (h, T, S)
-    return bias.masked_fill(dist > 0, float("-inf"))
+def attention_mask(T, past, real=None, slopes=None, device=None):
+    """Which keys each of T new tokens may attend to, in the form scaled_dot_product_attention takes, or None when
+    plain causal attention will do (SDPA's is_causal for a prompt, nothing at all for one new token).
+
+    The new tokens sit at slots past .. past + T - 1 of their rows, after the `past` tokens of the KV cache. Token i
+    sees slots j <= i (causal). real (B, past + T) bool says which slots hold real tokens: rows of different lengths
+    are left-padded, and no real token sees the padding. A padding token sees itself only (its output is never read,
+    but a row of the softmax with nothing to attend to would be NaN, and 0 * NaN spreads). slopes (h,): ALiBi's
+    (Press et al. 2022), folded in as the additive bias -slope * (i - j); since padding is on the left, the distance
+    between two real tokens is the same in slots as in their row's own positions.
+    -> None; bool (B or 1, 1, T, past + T) True = may attend; or float (B or 1, h, T, past + T), -inf = may not."""
+    if real is None and slopes is None and (past == 0 or T == 1):
+        return None
+    device = real.device if real is not None else device
+    dist = (torch.arange(past + T, device=device)[None, :]
+            - torch.arange(past, past + T, device=device)[:, None])          # (T, S): key slot - query slot
+    allowed = (dist <= 0)[None]                                               # (1, T, S)
+    if real is not None:
+        allowed = allowed & (real[:, None, :] | (dist == 0))                 # (B, T, S)
+    allowed = allowed[:, None]                                                # (B or 1, 1, T, S)
+    if slopes is None:
+        return allowed
+    bias = slopes.to(device)[:, None, None] * dist.float()                   # (h, T, S), <= 0 where visible
+    return bias.masked_fill(~allowed, float("-inf"))                          # (B or 1, h, T, S)
+
+
+def row_positions(real):
+    """Each token's position in its own row, counted from the row's first real token: (B, T) bool -> (B, T) long.
+    A left-padded row then gets the positions it would have alone (padding gets 0; nothing reads it)."""
+    return (real.long().cumsum(1) - 1).clamp(min=0)
 
 
 def apply_rope(x, cos, sin):
@@ -162,19 +183,38 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """The keys and values of the tokens seen so far, one per layer; grows by concatenation."""
+    """The keys and values of the tokens seen so far, for one layer. They are written in place into tensors allocated
+    once, for `size` tokens (generation knows its prompt and how many tokens it may add), so that a step copies only
+    its own new entries; without a size, or past it, the room doubles. k and v are the filled part: (B, kvh, n, hd)."""
 
-    def __init__(self):
-        self.k = self.v = None
+    def __init__(self, size=None):
+        self.size, self.n = size, 0
+        self._k = self._v = None  # (B, kvh, room, hd)
 
-    def update(self, k, v):  # (B, h, T_new, hd) each
-        if self.k is not None:
-            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        self.k, self.v = k, v
-        return k, v  # (B, h, T_past + T_new, hd)
+    @property
+    def k(self):
+        return None if self._k is None else self._k[:, :, :self.n]
 
-    def reorder(self, rows):  # beam search: keep the caches of the surviving beams
-        self.k, self.v = self.k[rows], self.v[rows]
+    @property
+    def v(self):
+        return None if self._v is None else self._v[:, :, :self.n]
+
+    def update(self, k, v):  # (B, kvh, T_new, hd) each -> the keys and values of all tokens so far
+        n, T = self.n, k.shape[2]
+        if self._k is None or n + T > self._k.shape[2]:  # allocate, or move to twice the room
+            room = max(self.size or 0, n + T) if self._k is None else 2 * (n + T)
+            old_k, old_v = self._k, self._v
+            self._k = k.new_empty(k.shape[0], k.shape[1], room, k.shape[3])
+            self._v = v.new_empty(v.shape[0], v.shape[1], room, v.shape[3])
+            if n:
+                self._k[:, :, :n], self._v[:, :, :n] = old_k[:, :, :n], old_v[:, :, :n]
+        self._k[:, :, n:n + T] = k
+        self._v[:, :, n:n + T] = v
+        self.n = n + T
+        return self.k, self.v  # (B, kvh, n + T_new, hd)
+
+    def reorder(self, rows):  # beam search's surviving beams, or a row repeated (rows may repeat)
+        self._k, self._v = self._k[rows], self._v[rows]
 
 
 class CausalSelfAttention(nn.Module):
@@ -189,9 +229,9 @@ class CausalSelfAttention(nn.Module):
             self.q_ln = LayerNorm(cfg.n_head * cfg.hd, eps=cfg.norm_eps, bias=cfg.bias)
             self.k_ln = LayerNorm(cfg.kv_heads * cfg.hd, eps=cfg.norm_eps, bias=cfg.bias)
 
-    def forward(self, x, rope=None, alibi=None, cache=None):
-        """rope: RoPE's (cos, sin) of the new tokens, or None; alibi: ALiBi's bias (h, T, past + T), the causal
-        mask folded in, or None. GPT-2 has neither: its positions are in its embeddings (LM.positions)."""
+    def forward(self, x, rope=None, mask=None, cache=None):
+        """rope: RoPE's (cos, sin) of the new tokens, or None; mask: from attention_mask (ALiBi's bias is in it, for
+        MPT), or None for plain causal attention. GPT-2 has neither: its positions are in its embeddings (LM.embed)."""
         B, T, _ = x.shape
         h, kvh, hd = self.cfg.n_head, self.cfg.kv_heads, self.cfg.hd
         q, k, v = self.c_attn(x).split([h * hd, kvh * hd, kvh * hd], dim=-1)
@@ -202,18 +242,12 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, kvh, hd).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        past = 0
         if cache is not None:
-            past = 0 if cache.k is None else cache.k.shape[2]
             k, v = cache.update(k, v)              # (B, kvh, past + T, hd)
-        if alibi is not None:  # the bias is the mask
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=alibi.to(q.dtype), enable_gqa=kvh != h)
-        elif past == 0 or T == 1:
-            # the whole prefix is visible to a single new token; otherwise plain causal masking
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=(past == 0 and T > 1), enable_gqa=kvh != h)
-        else:  # several new tokens after a cached prefix: causal mask shifted by `past`
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kvh != h)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)                # ALiBi's bias in the attention's dtype
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=kvh != h)  # (B, h, T, hd)
         y = y.transpose(1, 2).reshape(B, T, h * hd)
         return self.c_proj(y)
 
@@ -248,10 +282,10 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, alibi=None, cache=None):
+    def forward(self, x, rope=None, mask=None, cache=None):
         if self.parallel:
-            return x + self.attn(self.ln_1(x), rope, alibi, cache) + self.mlp(self.ln_2(x))
-        x = x + self.attn(self.ln_1(x), rope, alibi, cache)
+            return x + self.attn(self.ln_1(x), rope, mask, cache) + self.mlp(self.ln_2(x))
+        x = x + self.attn(self.ln_1(x), rope, mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -293,34 +327,40 @@ class LM(nn.Module):
 
     # The three pieces of a forward pass, kept apart so that Flamingo can run its own layer loop.
     def embed(self, tok_emb, pos):
-        """Add learned positions (GPT-2) to token embeddings (B, T, C); pos is (T,)."""
+        """Add learned positions (GPT-2) to token embeddings (B, T, C); pos is (T,) or (B, T) (LM.positions)."""
         if self.transformer.wpe is not None:
-            if pos[-1] >= self.config.block_size:
-                raise ValueError(f"sequence of {pos[-1] + 1} tokens is longer than the LM's "
+            if pos.max() >= self.config.block_size:
+                raise ValueError(f"sequence of {int(pos.max()) + 1} tokens is longer than the LM's "
                                  f"{self.config.block_size} positions")
             tok_emb = tok_emb + self.transformer.wpe(pos)
         return tok_emb
 
-    def positions(self, pos):
-        """What attention needs to know of the positions pos (T,): (rope, alibi). rope is RoPE's (cos, sin), each
-        (T, rd) (llama, neox; rd = hd but in GPT-NeoX's partial rotary); alibi is ALiBi's bias (h, T, pos[-1] + 1)
-        (mpt). GPT-2 has neither (None, None): its positions are added to its embeddings (embed)."""
-        if self.config.arch == "mpt":
-            return None, alibi_bias(self.slopes, pos)
+    def positions(self, pos, past=0, real=None):
+        """What attention needs to know of where the new tokens are: (rope, mask).
+
+        pos (T,) or (B, T): each new token's position in its row (row_positions, for left-padded rows); past: the
+        tokens already in the KV cache; real (B, past + T): which slots hold real tokens (None: all of them).
+        rope is RoPE's (cos, sin), each (T, rd) or (B, 1, T, rd) (llama, neox; rd = hd but in GPT-NeoX's partial
+        rotary); mask is attention_mask's, ALiBi's bias folded in (mpt). GPT-2's positions are added to its
+        embeddings instead (embed)."""
+        slopes = self.slopes if self.config.arch == "mpt" else None
+        mask = attention_mask(pos.shape[-1], past, real, slopes, pos.device)
         if self.config.arch not in ("llama", "neox"):
-            return None, None
-        ang = pos.float()[:, None] * self.inv_freq[None, :]  # (T, rd/2)
-        ang = torch.cat([ang, ang], dim=-1)                  # (T, rd)
-        return (ang.cos(), ang.sin()), None
+            return None, mask
+        ang = pos.float()[..., None] * self.inv_freq         # (.., T, rd/2)
+        ang = torch.cat([ang, ang], dim=-1)                  # (.., T, rd)
+        if ang.ndim == 3:
+            ang = ang[:, None]                               # (B, 1, T, rd): the same for every head
+        return (ang.cos(), ang.sin()), mask
 
     def forward(self, idx, targets=None, caches=None):
         """idx (B, T) -> logits (B, T, vocab), loss (mean cross-entropy over targets != -1, or None)."""
-        past = 0 if caches is None or caches[0].k is None else caches[0].k.shape[2]
+        past = 0 if caches is None else caches[0].n
         pos = torch.arange(past, past + idx.shape[1], device=idx.device)
         x = self.embed(self.transformer.wte(idx), pos)      # (B, T, C)
-        rope, alibi = self.positions(pos)
+        rope, mask = self.positions(pos, past)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, alibi, None if caches is None else caches[i])
+            x = block(x, rope, mask, None if caches is None else caches[i])
         logits = self.lm_head(self.transformer.ln_f(x))      # (B, T, vocab)
         loss = None
         if targets is not None:

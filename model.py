@@ -24,7 +24,7 @@ import torch.utils.checkpoint
 import files
 import generation
 import hf
-from lm import LM, LMConfig
+from lm import LM, LMConfig, row_positions
 from resampler import PerceiverResampler
 from vision import VisionEncoder
 from xattn import GatedCrossAttentionBlock
@@ -174,16 +174,20 @@ class Flamingo(nn.Module):
     # -------------------------------------------------------------------------
     # Forward: images -> visual tokens, then the LM's layers with the gated blocks in between
 
-    def forward(self, images, idx, targets=None, vision_features=None):
-        """images (N, F, 3, H, W) or None, idx (B, T) -> logits (B, T, V + n), loss or None.
-        vision_features (N, F, S, D): the tower's output for the images, given instead of them (encode_media)."""
+    def forward(self, images, idx, targets=None, vision_features=None, attention_mask=None):
+        """images (N, F, 3, H, W) or None, idx (B, T) -> (logits (B, T, V + n), None), or with targets (B, T)
+        (None, loss): the mean cross-entropy over the targets != -1, with logits computed at those positions only
+        (loss_at), never for the others, and not returned.
+        vision_features (N, F, S, D): the tower's output for the images, given instead of them (encode_media).
+        attention_mask (B, T): 1 at real tokens, 0 at left padding (rows of different lengths); None: all real."""
         visual = self.encode_media(images, idx, vision_features)  # (B, M, R, D)
         text_time = (idx == self.media_token_id).cumsum(1)       # (B, T): phi of Flamingo Figure 6
-        logits = self.forward_lm(idx, text_time, self.media_kvs(visual))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        real = None if attention_mask is None else attention_mask.bool()
+        pos = None if real is None else row_positions(real)       # (B, T): each row's own positions
+        kvs = self.media_kvs(visual)
+        if targets is None:
+            return self.forward_lm(idx, text_time, kvs, real=real, pos=pos), None
+        return None, self.loss_at(self.hidden_states(idx, text_time, kvs, real=real, pos=pos), targets)
 
     def encode_media(self, images, idx, vision_features=None):
         """Resampled visual tokens of each row's images, in slots: (B, M, R, D), or None without images.
@@ -234,46 +238,75 @@ class Flamingo(nn.Module):
         new = (idx >= V)[..., None]
         return torch.where(new, self.new_wte[(idx - V).clamp(min=0, max=n - 1)].to(x.dtype), x)
 
-    def forward_lm(self, idx, text_time, kvs, caches=None):
-        """The LM's layers with a gated block before every n-th one (Flamingo Figure 3). -> logits (B, T, V + n).
+    def hidden_states(self, idx, text_time, kvs, caches=None, real=None, pos=None):
+        """The LM's layers with a gated block before every n-th one (Flamingo Figure 3), then its final norm:
+        idx (B, T) -> (B, T, C).
 
         text_time (B, T): which image each token belongs to (xattn.py). kvs: from media_kvs.
-        caches: one KVCache per LM layer for generation, or None.
+        caches: one KVCache per LM layer for generation, or None. real (B, past + T): which tokens are real, False
+        at left padding (None: all). pos (B, T): each token's position in its row (None: past .. past + T - 1).
         """
         lm, R = self.lm, self.config.num_latents
-        past = 0 if caches is None or caches[0].k is None else caches[0].k.shape[2]
-        pos = torch.arange(past, past + idx.shape[1], device=idx.device)
+        past = 0 if caches is None else caches[0].n
+        if pos is None:
+            pos = torch.arange(past, past + idx.shape[1], device=idx.device)
         x = lm.embed(self.embed_tokens(idx), pos)            # (B, T, C)
-        rope, alibi = lm.positions(pos)
+        rope, mask = lm.positions(pos, past, real)
 
         def layer(x, i):  # the gated block before LM layer i, if there is one, then the layer
             if str(i) in self.xattn:
                 x = self.xattn[str(i)](x, text_time, kvs.get(str(i)), R)
-            return lm.transformer.h[i](x, rope, alibi, None if caches is None else caches[i])
+            return lm.transformer.h[i](x, rope, mask, None if caches is None else caches[i])
 
         for i in range(lm.config.n_layer):
             if self.activation_checkpointing and torch.is_grad_enabled():  # keep only x; recompute in backward
                 x = torch.utils.checkpoint.checkpoint(layer, x, i, use_reentrant=False)
             else:
                 x = layer(x, i)
-        h = lm.transformer.ln_f(x)
-        return torch.cat([lm.lm_head(h), h @ self.new_lm_head.to(h.dtype).t()], dim=-1)  # (B, T, V + n)
+        return lm.transformer.ln_f(x)
+
+    def forward_lm(self, idx, text_time, kvs, caches=None, real=None, pos=None, last_only=False):
+        """hidden_states, then the logits (B, T, V + n); with last_only those of each row's last token only,
+        (B, 1, V + n): all that generation reads (rows are left-padded, so every row ends at T - 1)."""
+        h = self.hidden_states(idx, text_time, kvs, caches, real, pos)
+        return self.head(h[:, -1:] if last_only else h)
+
+    def head(self, h):
+        """Logits of hidden states (.., C) -> (.., V + n): the LM's frozen head, then the new tokens' rows."""
+        return torch.cat([self.lm.lm_head(h), h @ self.new_lm_head.to(h.dtype).t()], dim=-1)
+
+    def loss_at(self, h, targets):
+        """The mean cross-entropy of the targets != -1 (B, T) given the hidden states h (B, T, C), computed at those
+        K positions only. The frozen head's logits (K, V) and the new rows' (K, n) are never concatenated: each
+        part's log-sum-exp is taken apart and the two combined, and the target's logit is the dot product of its
+        position's hidden state with the target's output row (no gather from the (K, V) logits, whose backward
+        would scatter into another (K, V)). In fp32 whatever the autocast dtype, as the softmax needs."""
+        keep = targets != -1                                  # (B, T)
+        h, t = h[keep], targets[keep]                         # (K, C), (K,)
+        V, new = self.lm.config.vocab_size, self.new_lm_head.to(h.dtype)
+        lse = torch.logaddexp(self.lm.lm_head(h).float().logsumexp(-1), (h @ new.t()).float().logsumexp(-1))  # (K,)
+        rows = torch.where((t < V)[:, None], self.lm.lm_head.weight[t.clamp(max=V - 1)].to(h.dtype),
+                           new[(t - V).clamp(min=0)])     # (K, C): each target's output row
+        return (lse - (h.float() * rows.float()).sum(-1)).mean()
 
     # -------------------------------------------------------------------------
     # Generation
 
     @torch.no_grad()
-    def generate(self, images, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, num_beams=1,
+    def generate(self, images, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, num_beams=1,
                  use_cache=True, stop_token_id=None, on_token=None):
-        """The prompt idx (B, T) followed by up to max_new_tokens new tokens. temperature=0 is greedy.
+        """Continue each prompt by up to max_new_tokens new tokens. temperature=0 is greedy.
 
-        Stops at `<|endofchunk|>` (or stop_token_id); a row that stopped is padded with that token until
-        all rows have. With use_cache, the media keys and values are computed once for the whole call and
-        the text keys and values are cached (lm.KVCache); use_cache=False recomputes everything at each step
-        (the slow reference). `<image>` is never generated: no image could follow it.
+        prompts: a list of token-id lists of any lengths -> a list of each prompt's new tokens (without the stop
+        token); or a tensor (B, T) of prompts of one length -> (B, T + new), the prompts and their continuations,
+        a row that stopped padded with the stop token until all rows have. images (N, F, 3, H, W): the media
+        items of all prompts, in the order of their <image> tokens, prompt by prompt (as forward takes them).
+        Stops at `<|endofchunk|>` (or stop_token_id). With use_cache, the media keys and values are computed once
+        for the whole call and the text keys and values are cached (lm.KVCache); use_cache=False recomputes
+        everything at each step (the slow reference). `<image>` is never generated: no image could follow it.
         on_token(tokens (B, 1)) is called as each token is chosen (for streaming; not with beam search).
         """
-        return generation.generate(self, images, idx, max_new_tokens, temperature, top_k, top_p, num_beams,
+        return generation.generate(self, images, prompts, max_new_tokens, temperature, top_k, top_p, num_beams,
                                    use_cache, stop_token_id, on_token)
 
     # -------------------------------------------------------------------------

@@ -51,7 +51,8 @@ def test_old_checkpoint_gives_the_same_logits_and_tokens(expected):
         assert ckpt["iter_num"] == 3 and model.config.train_lm_layers == 1 and sorted(model.xattn) == ["1", "2"]
         images = data.normalize(expected["pixels"].numpy(), model.vision.mean, model.vision.std)[:, None]
         with torch.no_grad():
-            logits, loss = model(images, expected["idx"], expected["targets"])
+            logits = model(images, expected["idx"])[0]                    # every position's logits
+            loss = model(images, expected["idx"], expected["targets"])[1]  # the loss, computed at the targets only
         torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loss.reshape(1), expected["loss"], rtol=1e-6, atol=0)
         prompt, first = expected["prompt"], images[:1]

@@ -749,6 +749,6 @@ def test_bad_input(opened):
         logits_of(m, images_for(3, 0)[:, 0], idx)  # (N, 3, H, W): the frame axis is missing
     # text only, without images
     txt = idx.clamp(max=V - 1)
-    logits, loss = m(None, txt, targets=txt)
-    assert logits.shape == (2, 5, V + 2) and torch.isfinite(loss)
+    (logits, _), (none, loss) = m(None, txt), m(None, txt, targets=txt)
+    assert logits.shape == (2, 5, V + 2) and none is None and torch.isfinite(loss)
     assert m.generate(None, txt, 3, num_beams=2).shape[0] == 2
