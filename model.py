@@ -277,17 +277,24 @@ class Flamingo(nn.Module):
 
     def loss_at(self, h, targets):
         """The mean cross-entropy of the targets != -1 (B, T) given the hidden states h (B, T, C), computed at those
-        K positions only. The frozen head's logits (K, V) and the new rows' (K, n) are never concatenated: each
-        part's log-sum-exp is taken apart and the two combined, and the target's logit is the dot product of its
-        position's hidden state with the target's output row (no gather from the (K, V) logits, whose backward
-        would scatter into another (K, V)). In fp32 whatever the autocast dtype, as the softmax needs."""
+        K positions only, in fp32 whatever the autocast dtype.
+
+        The softmax runs over the frozen head's V rows and the new tokens' n rows, without concatenating their
+        (K, V) and (K, n) logits: the loss is logaddexp(lse_lm, lse_new) - (the target's logit), each part's
+        log-sum-exp taken apart. lse_lm comes from cross_entropy's fused kernel, the fastest pass over (K, V) here
+        (docs/measurements.md): cross_entropy(a, t) = lse(a) - a[t] for any LM row t, so lse(a) is that plus a[t],
+        one dot product of h with row t. Target logits are such dot products too, never a gather from (K, V),
+        whose backward would write another (K, V)."""
         keep = targets != -1                                  # (B, T)
         h, t = h[keep], targets[keep]                         # (K, C), (K,)
         V, new = self.lm.config.vocab_size, self.new_lm_head.to(h.dtype)
-        lse = torch.logaddexp(self.lm.lm_head(h).float().logsumexp(-1), (h @ new.t()).float().logsumexp(-1))  # (K,)
-        rows = torch.where((t < V)[:, None], self.lm.lm_head.weight[t.clamp(max=V - 1)].to(h.dtype),
-                           new[(t - V).clamp(min=0)])     # (K, C): each target's output row
-        return (lse - (h.float() * rows.float()).sum(-1)).mean()
+        t_lm = t.clamp(max=V - 1)                             # the target's LM row (any row where it is a new token)
+        w_lm = self.lm.lm_head.weight[t_lm].to(h.dtype)       # (K, C)
+        dot = lambda a, b: (a.float() * b.float()).sum(-1)  # noqa: E731  (K,)
+        lse_lm = F.cross_entropy(self.lm.lm_head(h).float(), t_lm, reduction="none") + dot(h, w_lm)   # (K,)
+        lse = torch.logaddexp(lse_lm, (h @ new.t()).float().logsumexp(-1))                           # (K,)
+        target = torch.where(t < V, dot(h, w_lm), dot(h, new[(t - V).clamp(min=0)]))                  # (K,)
+        return (lse - target).mean()
 
     # -------------------------------------------------------------------------
     # Generation

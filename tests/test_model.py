@@ -587,6 +587,32 @@ def test_sampling(opened):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_loss_at_targets_equals_the_full_cross_entropy(opened, arch):
+    """The training loss, computed at the target positions only without concatenating the two heads' logits,
+    equals the cross-entropy of the full (B, T, V + n) logits, and so do the gradients of every trained tensor
+    (with the LM's input table trained too: GPT-2's head is that table, so the head's rows get gradients)."""
+    m = copy.deepcopy(opened[arch])
+    m.unfreeze_lm_layers(0, embeddings=True)
+    idx = interleaved_batch(seed=4)
+    targets = torch.roll(idx, -1, dims=1)
+    targets[:, -1] = -1
+    targets[0, :3] = -1                       # text before the first image: no target
+    targets[1, [2, 8]] = EOC                  # a new token as the target
+    targets[0, 5] = IMG
+    images = images_for(4, 0)
+    trained = [p for p in m.parameters() if p.requires_grad]
+    loss = m(images, idx, targets)[1]
+    grads = torch.autograd.grad(loss, trained)
+    logits = m(images, idx)[0]
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+    want_grads = torch.autograd.grad(want, trained)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6 * w.abs().max().item())
+    assert any((g != 0).any() for g in grads[:1]) and sum(int((g != 0).any()) for g in grads) > 5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_training_step(fresh, arch):
     m = copy.deepcopy(fresh[arch])
     m.train()
