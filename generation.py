@@ -84,7 +84,7 @@ class Stepper:
         """Repeat each row n times, after the prompts: its caches, media keys and values, or images."""
         rows = torch.arange(self.seen.shape[0], device=self.seen.device).repeat_interleave(n)
         if self.use_cache:
-            self.kvs = {i: (k[rows], v[rows]) for i, (k, v) in self.kvs.items()}
+            self.kvs = {i: (k.index_select(0, rows), v.index_select(0, rows)) for i, (k, v) in self.kvs.items()}
         else:
             self.images = expand_media(self.images, self.seen, self.model.media_token_id, n)
         self._select(rows)
