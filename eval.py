@@ -4,6 +4,7 @@ Few-shot evaluation with OpenFlamingo's protocol (Awadalla et al. 2023; its open
     python eval.py --init_from=out-shapes                              # the shapes world: offline, ~1 minute
     python eval.py --task=vqa --data_dir=my_folder --shots=0,4         # your folder: train.jsonl + test.jsonl
     python eval.py --task=vqav2 --data_dir=data/vqav2 --shots=0,4,8,16,32 --num_trials=3 --results=vqav2.json
+    torchrun --nproc_per_node=8 eval.py --task=vqav2 --data_dir=data/vqav2 --device=cuda --batch_size=16
 
 (`python download.py vqav2` fetches a benchmark's public files.) Read top to bottom:
 1. Tasks: the benchmarks from their published annotation files, and your own folders (benchmarks.py).
@@ -20,6 +21,20 @@ Few-shot evaluation with OpenFlamingo's protocol (Awadalla et al. 2023; its open
 3. The shapes world: questions and captions (with blank images too), and the task-by-example curve.
 4. The command line: a tqdm bar per run, a table, and a JSON list of records.
 
+One trial, from prompts to metrics (run_trial; the shapes world's functions go the same way):
+   - every test example's demonstrations are drawn first, with the same random draws whatever the batch size
+     and the number of processes, and its prompt built: (ids, image paths);
+   - batching.answer hands the prompts to the model batch_size at a time: under torchrun each process takes
+     every world-th prompt; a DataLoader's num_workers processes decode the images ahead of the model, a
+     batch's images (N, 1, 3, H, W) all its prompts' in order; an unreadable image skips its prompt alone;
+   - generation: the batch's B prompts of different lengths go to model.generate at once (left-padded, each
+     row generating what it would alone) -> B texts; classification: each prompt runs once and its keys and
+     values are shared by the class names (generation.Stepper.expand) -> B x 2 scores;
+   - the answers come back in the prompts' order, gathered from every process; the metrics are computed from
+     them (on every process, the same), and rank 0 alone prints, keeps the --results file's lock and writes it.
+   So the records do not depend on batch_size or the number of processes (tests/test_eval.py: 1 process at
+   batch 1 and 2 at batch 8 on CPU; in low precision on a GPU, padding may move a near-tie).
+
 Every function takes its settings as arguments: `import eval` and call run_trial or run_shapes from Python as the
 command line does; the module's settings below are the command line's defaults only.
 """
@@ -35,10 +50,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-import data
 import files
 import shapes
+from batching import Skipped, answer, from_rank0, rank_world, start_processes
 from benchmarks import read_task
+from generation import Stepper, left_pad
 from metrics import cider, exact_match, ptb_tokenize, roc_auc, vqa_accuracy  # noqa: F401 (importable from here)
 from tokenizer import CAPTION, EOC, EOT, VQA, get_tokenizer
 
@@ -59,6 +75,8 @@ rices = False                 # demonstrations by image similarity (RICES) inste
 rices_cache = ""              # a folder for RICES features ("": data_dir/.rices_cache)
 num_beams = None              # None: 3, as OpenFlamingo; 1 (greedy) for shapes, whose answers are a word or two
 max_new_tokens = None         # None: the task's (20 captions, 5 VQA, 10 TextVQA; 12 shapes)
+batch_size = 8                # prompts answered at once (generation and classification scores), per process
+num_workers = 2               # DataLoader processes decoding images ahead of the model (0: in this one)
 results = ""                  # write the records to this JSON file
 device = "cpu"
 # -----------------------------------------------------------------------------
@@ -182,45 +200,38 @@ def postprocess(text):
 
 
 @torch.no_grad()
-def generate_answer(model, tok, ids, images, max_new, beams):
-    """Decode a continuation of the prompt ids (a list) about images (N, 1, 3, H, W); postprocessed text."""
-    idx = torch.tensor([ids], device=device_of(model))
-    out = model.generate(images.to(idx.device), idx, max_new, temperature=0, num_beams=beams)[0, idx.shape[1]:].tolist()
-    if model.eoc_token_id in out:
-        out = out[:out.index(model.eoc_token_id)]
-    return postprocess(tok.decode(out))
+def generate_answers(model, tok, prompts, images, max_new, beams):
+    """Continue B prompts (lists of ids, of any lengths) about their images (N, 1, 3, H, W), all of them in one
+    model.generate call (the prompts left-padded, each decoded as it would be alone) -> B postprocessed texts."""
+    out = model.generate(images.to(device_of(model)), prompts, max_new, temperature=0, num_beams=beams)  # B lists
+    return [postprocess(tok.decode(o)) for o in out]  # (model.generate drops the <|endofchunk|> that ends each)
 
 
 @torch.no_grad()
-def class_scores(model, tok, ids, images, class_names):
-    """Mean token log-probability of each class name after the prompt ids. The prompt (demonstrations and
-    query) runs through the model once; its keys and values are then shared by every class name."""
-    from lm import KVCache
+def class_scores(model, tok, prompts, images, class_names):
+    """Mean token log-probability of each class name after each of B prompts (lists of ids) about their images
+    (N, 1, 3, H, W) -> B lists of len(class_names) scores. Each prompt (demonstrations and query) runs through the
+    model once; its keys and values are then shared by every class name (Stepper.expand). As OpenFlamingo, the
+    log-softmax is over the whole vocabulary, <image> included."""
     device = device_of(model)
-    ctx = torch.tensor([ids], device=device)                                     # (1, T)
-    nc = len(class_names)
-    visual = model.encode_media(images.to(device), ctx)                          # (1, M, R, D)
-    caches = [KVCache() for _ in model.lm.transformer.h]
-    text_time = (ctx == model.media_token_id).cumsum(1)                          # (1, T)
-    first = model.forward_lm(ctx, text_time, model.media_kvs(visual), caches)[:, -1].float().log_softmax(-1)  # (1, V)
-    for c in caches:
-        c.reorder(torch.zeros(nc, dtype=torch.long, device=device))             # the context, once per class
+    idx, real = left_pad(prompts, device)                                  # (B, T), real (B, T) or None
     names = [tok.encode(n) for n in class_names]
-    L = max(map(len, names))
+    B, nc, L = len(prompts), len(names), max(map(len, names))
+    step = Stepper(model, images.to(device), idx, real, size=idx.shape[1] + L)
+    first = step.prompt().log_softmax(-1)                                  # (B, V + n): each name's first token
+    step.expand(nc)                                                        # row b * nc + j: prompt b, name j
     cls = torch.tensor([n + [n[-1]] * (L - len(n)) for n in names], device=device)  # (nc, L) right-padded
-    kvs = model.media_kvs(None if visual is None else visual.expand(nc, *visual.shape[1:]))
-    rest = model.forward_lm(cls, text_time[:, -1:].expand(nc, L), kvs, caches).float().log_softmax(-1)  # (nc, L, V)
-    scores = []
-    for j, n in enumerate(names):
-        lp = [first[0, n[0]]] + [rest[j, t - 1, n[t]] for t in range(1, len(n))]
-        scores.append(torch.stack(lp).mean().item())
-    return scores
+    rest = step.next(cls.repeat(B, 1), every=True).log_softmax(-1)         # (B * nc, L, V + n): the later tokens
+    return [[torch.stack([first[b, n[0]]] + [rest[b * nc + j, t - 1, n[t]] for t in range(1, len(n))]).mean().item()
+             for j, n in enumerate(names)] for b in range(B)]
 
 
 def run_trial(model, tok, kind, train, test, k, seed, rices_feats=None, num_samples=None, query_set_size=2048,
-              max_new_tokens=5, num_beams=3, label=""):
-    """One (shot count k, seed): metrics over the test examples (all of them, or num_samples drawn), as a dict."""
-    from tqdm import tqdm
+              max_new_tokens=5, num_beams=3, label="", batch_size=8, num_workers=2):
+    """One (shot count k, seed): metrics over the test examples (all of them, or num_samples drawn), and the
+    predictions [[example id, prediction], ...], as a dict. Every prompt is drawn first, with the same draws
+    whatever batch_size and the number of processes, then answered batch_size at a time (batching.answer:
+    images decoded by num_workers DataLoader workers; under torchrun the prompts split over the processes)."""
     rng = np.random.default_rng(seed)
     n = len(test) if num_samples is None or num_samples < 0 else min(num_samples, len(test))
     chosen = rng.choice(len(test), n, replace=False)
@@ -228,9 +239,8 @@ def run_trial(model, tok, kind, train, test, k, seed, rices_feats=None, num_samp
     shots_used = k if k > 0 else 2                    # 0 shots: two text-only demonstrations
     if shots_used > len(train):
         raise SystemExit(f"{k} shots, but the training split has only {len(train)} examples")
-    scores, exact, labels, probs, skipped = [], [], [], [], Counter()
-    refs, cands = {}, {}
-    for i in tqdm(chosen, desc=f"{label} {k} shots seed {seed}"):
+    queries, prompts, skipped = [], [], Counter()     # the test examples asked, and their (ids, image paths)
+    for i in chosen:
         query = test[i]
         if rices_feats is not None:  # (at 0 shots too: the two text-only demonstrations, as OpenFlamingo)
             demos = [train[j] for j in rices_demos(rices_feats[0], rices_feats[1][i], shots_used)]
@@ -240,28 +250,36 @@ def run_trial(model, tok, kind, train, test, k, seed, rices_feats=None, num_samp
         if model.lm.config.max_context and len(ids) + max_new_tokens > model.lm.config.max_context:
             skipped["prompt longer than the LM's context"] += 1
             continue
-        try:
-            images = load_images(paths, model.vision)
-        except Exception as e:  # missing, truncated, undecodable, a decompression bomb: counted, not fatal
-            skipped[f"unreadable image ({type(e).__name__})"] += 1
+        queries.append((int(i), query))
+        prompts.append((ids, paths))
+    if kind == "classification":
+        fn = lambda ids, x: class_scores(model, tok, ids, x, CLASS_NAMES)  # noqa: E731  B lists of 2 scores
+    else:
+        fn = lambda ids, x: generate_answers(model, tok, ids, x, max_new_tokens, num_beams)  # noqa: E731  B texts
+    answers = answer(fn, prompts, model.vision, batch_size, num_workers, desc=f"{label} {k} shots seed {seed}")
+    scores, exact, labels, probs, predictions = [], [], [], [], []
+    refs, cands = {}, {}
+    for (i, query), a in zip(queries, answers):
+        if isinstance(a, Skipped):  # an unreadable image: missing, truncated, undecodable, a decompression bomb
+            skipped[str(a)] += 1
             continue
         if kind == "classification":
-            s = class_scores(model, tok, ids, images, CLASS_NAMES)
-            p = np.exp(s - np.max(s))
+            p = np.exp(a - np.max(a))
             labels.append(query["label"])
             probs.append(float(p[1] / p.sum()))
-            exact.append(float(int(np.argmax(s)) == query["label"]))
+            exact.append(float(int(np.argmax(a)) == query["label"]))
+            predictions.append([query.get("id", i), CLASS_NAMES[int(np.argmax(a))]])
             continue
-        pred = generate_answer(model, tok, ids, images, max_new_tokens, num_beams)
+        predictions.append([query.get("id", i), a])
         if kind == "captions":
-            exact.append(exact_match(pred, query["captions"]))
+            exact.append(exact_match(a, query["captions"]))
             refs[i] = [ptb_tokenize(c) for c in query["captions"]]
-            cands[i] = ptb_tokenize(pred)
+            cands[i] = ptb_tokenize(a)
         else:
-            exact.append(exact_match(pred, query["answers"]))
-            scores.append(vqa_accuracy(pred, query["answers"]))
+            exact.append(exact_match(a, query["answers"]))
+            scores.append(vqa_accuracy(a, query["answers"]))
     out = {"n": len(exact), "skipped": dict(skipped)}
-    if skipped:
+    if skipped and rank_world()[0] == 0:
         print(f"skipped: {dict(skipped)}", file=sys.stderr)
     if not exact:
         return out
@@ -272,8 +290,9 @@ def run_trial(model, tok, kind, train, test, k, seed, rices_feats=None, num_samp
     else:
         out["roc_auc"] = 100.0 * roc_auc(labels, probs) if 0 < sum(labels) < len(labels) else None
         out["accuracy"] = 100.0 * float(np.mean(exact))
-        return out
-    out["exact_match"] = 100.0 * float(np.mean(exact))
+    if kind != "classification":
+        out["exact_match"] = 100.0 * float(np.mean(exact))
+    out["predictions"] = predictions
     return out
 
 
@@ -284,54 +303,60 @@ KIND_WORDS = {"color": set(shapes.COLORS), "shape": set(shapes.SHAPES), "size": 
               "position": set(shapes.POSITIONS)}
 
 
-def shapes_answer(model, tok, prompt, images, max_new_tokens=12, num_beams=1):
-    """The answer to one shapes prompt (our own markup) about a list of uint8 images."""
-    x = data.normalize(images, model.vision.mean, model.vision.std)[:, None]  # (N, 1, 3, H, W)
-    return generate_answer(model, tok, tok.encode_markup(prompt), x, max_new_tokens, num_beams)
+def shapes_answers(model, tok, prompts, max_new_tokens=12, num_beams=1, batch_size=8, num_workers=2):
+    """The answers to shapes prompts, a list of (prompt in our own markup, its list of uint8 images), batch_size
+    prompts at a time (batching.answer; the arrays normalised in the DataLoader's workers)."""
+    fn = lambda ids, x: generate_answers(model, tok, ids, x, max_new_tokens, num_beams)  # noqa: E731  B texts
+    return answer(fn, [(tok.encode_markup(p), images) for p, images in prompts], model.vision, batch_size,
+                  num_workers)
 
 
 def eval_questions(model, tok, n, seed, blank=False, kind="question", **generation):
-    """Exact match (%) on n test questions (or captions), optionally with blank images instead."""
-    hits = 0
+    """Exact match (%) on n test questions (or captions), optionally with blank images instead. generation:
+    shapes_answers' settings (max_new_tokens, num_beams, batch_size, num_workers)."""
+    prompts, targets = [], []
     for i in range(n):
         text, images = shapes.shapes_sample("test", seed, i, kind=kind)
         chunk_text = text[:-len(EOT)]                      # "<image>Question:... Short answer:red<|endofchunk|>"
         prefix, target = chunk_text.rsplit(":", 1) if kind == "question" else chunk_text.split("Output:", 1)
-        prompt = prefix + (":" if kind == "question" else "Output:")
-        target = target[:-len(EOC)]
         if blank:
             images = [shapes.blank_image(np.random.default_rng([seed, i]))]
-        hits += shapes_answer(model, tok, prompt, images, **generation) == target
-    return 100.0 * hits / n
+        prompts.append((prefix + (":" if kind == "question" else "Output:"), images))
+        targets.append(target[:-len(EOC)])
+    preds = shapes_answers(model, tok, prompts, **generation)
+    return 100.0 * sum(p == t for p, t in zip(preds, targets)) / n
 
 
 def eval_task(model, tok, n, k, seed, blank=False, **generation):
     """Task-by-example with k demonstrations: (% answers of the right kind, % exact match)."""
-    right_kind = exact = 0
+    prompts, targets, kinds = [], [], []
     for i in range(n):
         kind = shapes.TASK_KINDS[i % len(shapes.TASK_KINDS)]  # the kinds in turn, so each gets n / 4 prompts
         text, images = shapes.shapes_sample("test", seed + 1, i, kind="task", task_kind=kind, n_chunks=k + 1)
         chunks = text[:-len(EOT)].split(EOC)[:-1]
-        prompt = EOC.join(chunks[:-1] + ["<image>Output:"]) if k else "<image>Output:"
-        target = chunks[-1].split("Output:", 1)[1]
         if blank:
             images = [shapes.blank_image(np.random.default_rng([seed, i, j])) for j in range(len(images))]
-        pred = shapes_answer(model, tok, prompt, images, **generation)
-        right_kind += pred in KIND_WORDS[kind]
-        exact += pred == target
+        prompts.append((EOC.join(chunks[:-1] + ["<image>Output:"]) if k else "<image>Output:", images))
+        targets.append(chunks[-1].split("Output:", 1)[1])
+        kinds.append(kind)
+    preds = shapes_answers(model, tok, prompts, **generation)
+    right_kind = sum(p in KIND_WORDS[kind] for p, kind in zip(preds, kinds))
+    exact = sum(p == t for p, t in zip(preds, targets))
     return 100.0 * right_kind / n, 100.0 * exact / n
 
 
-def run_shapes(model, tok, shot_list, seed, n, max_new_tokens=12, num_beams=1):
+def run_shapes(model, tok, shot_list, seed, n, max_new_tokens=12, num_beams=1, batch_size=8, num_workers=2):
     """The shapes measurements of one trial: a list of records (subtask, shots, metrics)."""
     from tqdm import tqdm
-    generation = dict(max_new_tokens=max_new_tokens, num_beams=num_beams)
+    generation = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size,
+                      num_workers=num_workers)
+    quiet = rank_world()[0] != 0  # one bar, rank 0's
     records = []
     runs = [(q, b) for q in ("question", "caption") for b in (False, True)]
-    for q, blank in tqdm(runs, desc=f"shapes questions, captions (seed {seed})"):
+    for q, blank in tqdm(runs, desc=f"shapes questions, captions (seed {seed})", disable=quiet):
         em = eval_questions(model, tok, n, seed, blank, q, **generation)
         records.append({"subtask": q + ("_blank" if blank else ""), "shots": 0, "exact_match": em})
-    for k in tqdm(shot_list, desc=f"shapes task-by-example (seed {seed})"):
+    for k in tqdm(shot_list, desc=f"shapes task-by-example (seed {seed})", disable=quiet):
         for blank in (False, True):
             rk, em = eval_task(model, tok, n, k, seed, blank, **generation)
             records.append({"subtask": "task" + ("_blank" if blank else ""), "shots": k, "right_kind": rk,
@@ -386,7 +411,8 @@ def main():
     from configurator import check, configure
     from model import load_model
     configure(globals())
-    check(globals(), at_least=dict(num_trials=1, num_samples=1, query_set_size=1, num_beams=1, max_new_tokens=1),
+    check(globals(), at_least=dict(num_trials=1, num_samples=1, query_set_size=1, num_beams=1, max_new_tokens=1,
+                                   batch_size=1, num_workers=0),
           choices=dict(dtype=("float32", "bfloat16", "float16")), may_be_none=("num_samples", "num_beams", "max_new_tokens"))
     openflamingo = init_from.startswith("openflamingo/") or bool(lm)
     ckpt_path = init_from if init_from.endswith(".pt") else os.path.join(init_from, "ckpt.pt")
@@ -394,12 +420,17 @@ def main():
         raise SystemExit(f"error: no checkpoint at {ckpt_path}. Train one first:  python train.py config/train_shapes.py")
     if task != "shapes" and not data_dir:
         raise SystemExit(f"error: --data_dir is needed for task {task!r} (README, Evaluation)")
-    records = open_results(results)  # every record stays in the file; the trials they hold are not run again
+    dev = start_processes(device)  # under torchrun: the process group, and cuda:LOCAL_RANK under CUDA
+    rank = rank_world()[0]
+    if rank:  # one voice, rank 0's (the others' errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
+    # every record stays in the file; the trials they hold are not run again. Rank 0 alone holds the file's lock
+    records = from_rank0(lambda: open_results(results))
     try:
         model, tokenizer = load_model(init_from, lm, clip, clip_pretrained, dtype)
     except files.LOAD_ERRORS as e:  # offline, a missing or bad file: say what to do
         raise SystemExit(f"error: {files.message(e)}") from None
-    model.eval().to(device)
+    model.eval().to(dev)
     tok = get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
     shot_list = [int(s) for s in str(shots or ("0,1,2,4,8" if task == "shapes" else "0,4,8,16,32")).strip("()[]").split(",")
                  if s.strip()]  # "0,4" on the command line arrives as a tuple
@@ -410,9 +441,9 @@ def main():
     mine = lambda r: all(r.get(k) == v for k, v in base.items())  # noqa: E731  a record of these settings
 
     def finish(new, shots_seed):
-        """Keep a trial's records, written at once (atomically): a later failure or kill loses none of them."""
+        """Keep a trial's records, written at once (atomically) by rank 0: a later failure or kill loses none."""
         records.extend({**base, **shots_seed, **r} for r in new)
-        if results:
+        if results and rank == 0:
             data = json.dumps(records, indent=1).encode()
             try:
                 files.atomic_write(results, lambda f: f.write(data), needed=len(data))
@@ -420,21 +451,24 @@ def main():
                 raise SystemExit(f"error: {e}") from None
 
     def done(**shots_seed):
-        hit = any(mine(r) and all(r.get(k) == v for k, v in shots_seed.items()) for r in records)
-        if hit:
-            print(f"{shots_seed}: in {results} already, not run again")
-        return hit
+        """Whether --results holds this trial already: rank 0's answer, the same on every process."""
+        def look():
+            hit = any(mine(r) and all(r.get(k) == v for k, v in shots_seed.items()) for r in records)
+            if hit:
+                print(f"{shots_seed}: in {results} already, not run again")
+            return hit
+        return from_rank0(look)
 
     # a bf16 LM (dtype) next to the fp32 trained parts: autocast casts each matmul's operands to one dtype
-    amp = nullcontext() if dtype == "float32" else torch.autocast("cuda" if "cuda" in device else "cpu",
+    amp = nullcontext() if dtype == "float32" else torch.autocast("cuda" if "cuda" in dev else "cpu",
                                                                   dtype=getattr(torch, dtype))
     with amp:
         if task == "shapes":
             for seed in range(trial_seed, trial_seed + num_trials):
                 if not done(seed=seed):
                     finish([{**r, "n": num_samples or 200} for r in run_shapes(
-                        model, tok, shot_list, seed, num_samples or 200, max_new_tokens or 12, num_beams or 1)],
-                        {"seed": seed})
+                        model, tok, shot_list, seed, num_samples or 200, max_new_tokens or 12, num_beams or 1,
+                        batch_size, num_workers)], {"seed": seed})
         else:
             try:
                 train, test, kind = read_task(task, data_dir)
@@ -450,7 +484,8 @@ def main():
                 for seed in range(trial_seed, trial_seed + num_trials):
                     if not done(shots=k, seed=seed):
                         finish([run_trial(model, tok, kind, train, test, k, seed, feats, num_samples, query_set_size,
-                                          max_new_tokens or max_new_tokens_of(task, kind), num_beams or 3, label=task)],
+                                          max_new_tokens or max_new_tokens_of(task, kind), num_beams or 3, task,
+                                          batch_size, num_workers)],
                                {"shots": k, "seed": seed})
     print(table([r for r in records if mine(r)]))
     if results:

@@ -162,7 +162,7 @@ def test_class_scores_reuse_the_context_exactly(ckpt, tok):
     images = torch.randn(2, 1, 3, *(size if isinstance(size, (tuple, list)) else (size, size)))
     ids = tok.encode_markup("<image>is it? Answer:yes<|endofchunk|><image>is it? Answer:")
     names = ["no", "yes", "maybe not"]
-    got = ev.class_scores(model, tok, ids, images, names)
+    got = ev.class_scores(model, tok, [ids], images, names)[0]
     for name, score in zip(names, got):  # the reference: one full forward per class name
         full = torch.tensor([ids + tok.encode(name)])
         with torch.no_grad():
@@ -247,3 +247,108 @@ def test_hateful_memes_bad_line_is_skipped(tmp_path, capsys):
     (tmp_path / "dev_seen.jsonl").write_text('{"id": 2, "img": "img/2.png", "label": 0, "text": "b"}\n')
     train, test, _ = ev.read_task("hateful_memes", str(tmp_path))
     assert len(train) == 1 and len(test) == 1 and "train.jsonl:2: skipped" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# Batches and processes: the same records at any batch size, on any number of processes
+
+@pytest.fixture(scope="module")
+def open_ckpt(ckpt):
+    """The checkpoint with its gated blocks perturbed, gates open: the images change the answers, so that a prompt
+    answered with another prompt's images (a batching mistake) would show. Saved next to ckpt.pt (its paths are
+    relative to that folder)."""
+    c = torch.load(os.path.join(ckpt, "ckpt.pt"), weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    for k, v in c["model"].items():
+        if k.startswith("xattn."):
+            v.add_(0.3 * torch.randn(v.shape, generator=g))
+    path = os.path.join(ckpt, "open.pt")
+    torch.save(c, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def open_model(open_ckpt):
+    from model import load_model
+    torch.set_num_threads(1)
+    model, name = load_model(open_ckpt)
+    return model.eval(), get_tokenizer(name, lm_vocab_size=model.lm.config.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def shapes_folders(tmp_path_factory):
+    """Small folders drawn from the shapes world: questions, captions (the color of each object), and the
+    questions as a classification task (HatefulMemes' examples: text and a label)."""
+    root = tmp_path_factory.mktemp("folders")
+    vqa = shapes.write_folder(str(root / "vqa"), "vqa", n_train=8, n_test=10)
+    captions = shapes.write_folder(str(root / "captions"), "captions", n_train=8, n_test=10)
+    memes = [[{"id": e["id"], "image": e["image"], "text": e["question"], "label": i % 2}
+              for i, e in enumerate(folders.read_folder(vqa, split, "vqa"))] for split in ("train", "test")]
+    return {"vqa": (*ev.read_task("vqa", vqa)[:2], vqa), "captions": (*ev.read_task("captions", captions)[:2], captions),
+            "classification": (*memes, None)}
+
+
+@pytest.mark.parametrize("kind,k", [("captions", 2), ("vqa", 0), ("vqa", 2), ("classification", 2)])
+def test_run_trial_same_records_at_batch_1_and_8(open_model, shapes_folders, kind, k):
+    """Prompts of different lengths answered 8 at a time (left-padded; images decoded by 2 DataLoader workers) get
+    the answers they get one at a time: captions with 3 beams, questions, and the classification scores."""
+    model, tok = open_model
+    train, test, _ = shapes_folders[kind]
+    run = lambda b, w: ev.run_trial(model, tok, kind, train, test, k, 42, query_set_size=6, max_new_tokens=4,  # noqa
+                                    num_beams=3, batch_size=b, num_workers=w)
+    one, eight = run(1, 0), run(8, 2)
+    assert one == eight and one["n"] == 10 and len(one["predictions"]) == 10
+    if kind != "classification":
+        assert len({p for _, p in one["predictions"]}) > 1  # the answers differ: the model reads its prompts
+        return
+    assert one["roc_auc"] is not None  # and the scores themselves: 3 prompts of different lengths, at once and alone
+    ids = [tok.encode_markup("<image>is it" + " so" * i + "? Answer:") for i in range(3)]
+    x = torch.randn(3, 1, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # shapes-vit: 64 x 64
+    together = ev.class_scores(model, tok, ids, x, ev.CLASS_NAMES)
+    alone = [ev.class_scores(model, tok, [p], x[i:i + 1], ev.CLASS_NAMES)[0] for i, p in enumerate(ids)]
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert abs(together[0][1] - together[2][1]) > 1e-3
+
+
+def test_unreadable_image_in_a_batch_is_a_counted_skip(open_model, shapes_folders, tmp_path):
+    """One corrupt test image skips its own prompt, counted; the rest of its batch is answered as before."""
+    import shutil
+    model, tok = open_model
+    root = shutil.copytree(shapes_folders["vqa"][2], str(tmp_path / "vqa"))
+    train, test, _ = ev.read_task("vqa", root)
+    run = lambda test, b: ev.run_trial(model, tok, "vqa", train, test, 2, 42, query_set_size=6,  # noqa: E731
+                                       max_new_tokens=4, num_beams=1, batch_size=b, num_workers=2)
+    before = run(test, 1)
+    with open(test[3]["image"], "wb") as f:
+        f.write(b"not a png at all")
+    after = run(test, 8)
+    assert after["n"] == 9 and after["skipped"] == {"unreadable image (UnidentifiedImageError)": 1}
+    assert after["predictions"] == [p for p in before["predictions"] if p[0] != test[3]["id"]]
+
+
+def test_shapes_world_same_at_batch_1_and_8(open_model, monkeypatch):
+    model, tok = open_model
+    answers = []
+    real = ev.shapes_answers
+    monkeypatch.setattr(ev, "shapes_answers", lambda *a, **kw: answers.append(real(*a, **kw)) or answers[-1])
+    one = ev.run_shapes(model, tok, [2], 42, 6, max_new_tokens=4, batch_size=1, num_workers=0)
+    first, answers[:] = list(answers), []
+    eight = ev.run_shapes(model, tok, [2], 42, 6, max_new_tokens=4, batch_size=8, num_workers=2)
+    assert one == eight and answers == first and len(first) == 6
+    assert len({a for run in first for a in run}) > 1
+
+
+def test_torchrun_two_processes_at_batch_8_is_one_at_batch_1(open_ckpt, shapes_folders, tmp_path):
+    """eval.py under torchrun (2 processes, gloo, CPU): the test prompts split over the processes, the answers
+    gathered, rank 0 writing --results: the records of 1 process at batch 1, predictions and metrics alike."""
+    root = shapes_folders["vqa"][2]
+    args = [f"--init_from={open_ckpt}", "--task=vqa", f"--data_dir={root}", "--shots=0,2", "--num_samples=7",
+            "--query_set_size=6", "--max_new_tokens=4", "--num_beams=3"]
+    run_eval(*args, "--batch_size=1", "--num_workers=0", f"--results={tmp_path / 'one.json'}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "eval.py", *args,
+           "--batch_size=8", f"--results={tmp_path / 'two.json'}"]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    one, two = (json.load(open(tmp_path / f)) for f in ("one.json", "two.json"))
+    assert one == two and len(one) == 2 and all(r["n"] == 7 and len(r["predictions"]) == 7 for r in one)
+    assert p.stdout.count("records in") == 1  # one voice, rank 0's

@@ -1,0 +1,146 @@
+"""
+eval.py's prompts answered in batches, on one process or on several (torchrun).
+
+eval.py draws a trial's test examples and their demonstrations, builds every prompt (token ids, and its images in
+the order of its <image> tokens), then hands the list here with a function that answers a batch of them:
+
+1. the processes: under torchrun, rank r takes prompts r, r + world, r + 2 world, ... and at the end every process
+   receives every answer, in the prompts' order (all_gather_object: gloo on CPU, nccl on CUDA). Run alone, nothing
+   of torch.distributed is used. The split changes no answer: a prompt is answered as it would be alone;
+2. the images: a torch DataLoader decodes each prompt's images in worker processes (num_workers; 0 decodes in this
+   one), batch_size prompts at a time, running ahead of the model. Image files go through CLIP's evaluation
+   preprocessing (the tower's transform), the shapes world's uint8 arrays through data.normalize. An image that
+   cannot be read (missing, truncated, a decompression bomb) makes its prompt a Skipped, which eval.py counts, and
+   the rest of the batch is answered;
+3. the model: the batch's readable prompts and all their images, (N, 1, 3, H, W), go to `fn` at once.
+
+Shapes: B prompts in a batch, N the images of all of them, H x W the tower's input size.
+"""
+
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+
+
+class Skipped(str):
+    """The answer of a prompt that was not answered: why ("unreadable image (OSError)"). eval.py counts them."""
+
+
+# -----------------------------------------------------------------------------
+# 1. Processes
+
+def rank_world():
+    """(this process's rank, the number of processes): (0, 1) unless torch.distributed was started (eval.main)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def start_processes(device):
+    """Under torchrun (RANK in the environment): join the process group and take this process's device
+    (cuda:LOCAL_RANK under CUDA). -> the device to use. Alone: nothing started, the device as given."""
+    if "RANK" not in os.environ:
+        return device
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return device
+
+
+def from_rank0(fn):
+    """fn() run on rank 0 alone, its result (or the SystemExit it raised) given to every process, so that all of
+    them take the same decision (eval.py: the results file's lock, which trials are done already)."""
+    rank, world = rank_world()
+    out = [None]
+    if rank == 0:
+        try:
+            out[0] = ("ok", fn())
+        except SystemExit as e:
+            out[0] = ("exit", e.code)
+    if world > 1:
+        dist.broadcast_object_list(out, src=0)
+    if out[0][0] == "exit":
+        raise SystemExit(out[0][1] if rank == 0 else 1)  # the message once, from rank 0
+    return out[0][1]
+
+
+def gather(mine, n):
+    """mine: this process's answers {prompt index: answer} -> the list of all n answers, on every process."""
+    rank, world = rank_world()
+    parts = [mine]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)
+    out = [None] * n
+    for part in parts:
+        for i, a in part.items():
+            out[i] = a
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 2. Images, decoded ahead of the model
+
+class PromptImages(torch.utils.data.Dataset):
+    """Item i: (i, prompt i's images (N_i, 1, 3, H, W)), or (i, Skipped) when one of them cannot be read.
+    images: each prompt's list of image files (paths) or uint8 (H, W, 3) arrays. transform: the tower's
+    preprocessing of a PIL image (VisionEncoder.transform); mean and std normalise the arrays."""
+
+    def __init__(self, indices, images, transform, mean, std):
+        self.indices, self.images = indices, images
+        self.transform, self.mean, self.std = transform, mean, std
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        i = self.indices[j]
+        try:
+            return i, torch.stack([self.decode(im) for im in self.images[i]])[:, None]  # (N_i, 1, 3, H, W)
+        except Exception as e:  # any decoder's error, a decompression bomb (PIL): counted by eval.py, not fatal
+            return i, Skipped(f"unreadable image ({type(e).__name__})")
+
+    def decode(self, image):
+        """One image -> (3, H, W) float pixels, as the tower was trained to see them."""
+        if isinstance(image, np.ndarray):
+            return data.normalize([image], self.mean, self.std)[0]
+        from PIL import Image
+        with Image.open(image) as im:
+            return self.transform(im.convert("RGB"))  # VisionEncoder.preprocess, without the tower itself
+
+
+def as_list(batch):
+    """The DataLoader's collate: a batch stays a list of (i, images or Skipped); prompts have their own N_i."""
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# 3. Answering
+
+def answer(fn, prompts, vision, batch_size=8, num_workers=2, desc=None):
+    """Answer every prompt: prompts is a list of (ids, images) (images as PromptImages takes them); fn(ids, x)
+    answers a batch: ids a list of B token lists, x (N, 1, 3, H, W) all their images in order -> B answers.
+    -> the list of answers, in the prompts' order, on every process: fn's, or a Skipped. desc: a tqdm bar (on rank
+    0) with this title; None for none."""
+    from tqdm import tqdm
+    rank, world = rank_world()
+    mine = list(range(rank, len(prompts), world))  # this process's prompts
+    dataset = PromptImages(mine, [images for _, images in prompts], vision.transform, vision.mean, vision.std)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=as_list,
+                                         prefetch_factor=4 if num_workers else None)
+    answers = {}
+    with tqdm(total=len(mine), desc=desc, disable=desc is None or rank != 0) as bar:
+        for batch in loader:                                      # B prompts: (i, (N_i, 1, 3, H, W) or Skipped)
+            ready = [(i, x) for i, x in batch if not isinstance(x, Skipped)]
+            answers.update((i, x) for i, x in batch if isinstance(x, Skipped))
+            if ready:
+                x = torch.cat([x for _, x in ready])              # (N, 1, 3, H, W): the batch's images, in order
+                out = fn([prompts[i][0] for i, _ in ready], x)
+                answers.update((i, a) for (i, _), a in zip(ready, out))
+            bar.update(len(batch))
+    return gather(answers, len(prompts))
