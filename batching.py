@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import files
 
 
 class Skipped(str):
@@ -114,6 +115,14 @@ class PromptImages(torch.utils.data.Dataset):
             return self.transform(im.convert("RGB"))  # VisionEncoder.preprocess, without the tower itself
 
 
+def let_go_of_locks(worker_id):
+    """A DataLoader worker is a fork of this process and holds copies of its file descriptors, among them the
+    --results lock's (files.lock): the worker closes its copies, so that the lock ends with this process, however
+    it ends, and not with a worker that outlives it by a moment."""
+    for fd in files._held.values():
+        os.close(fd)
+
+
 def as_list(batch):
     """The DataLoader's collate: a batch stays a list of (i, images or Skipped); prompts have their own N_i."""
     return batch
@@ -132,7 +141,7 @@ def answer(fn, prompts, vision, batch_size=8, num_workers=2, desc=None):
     mine = list(range(rank, len(prompts), world))  # this process's prompts
     dataset = PromptImages(mine, [images for _, images in prompts], vision.transform, vision.mean, vision.std)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=as_list,
-                                         prefetch_factor=4 if num_workers else None)
+                                         worker_init_fn=let_go_of_locks, prefetch_factor=4 if num_workers else None)
     answers = {}
     with tqdm(total=len(mine), desc=desc, disable=desc is None or rank != 0) as bar:
         for batch in loader:                                      # B prompts: (i, (N_i, 1, 3, H, W) or Skipped)

@@ -352,3 +352,25 @@ def test_torchrun_two_processes_at_batch_8_is_one_at_batch_1(open_ckpt, shapes_f
     one, two = (json.load(open(tmp_path / f)) for f in ("one.json", "two.json"))
     assert one == two and len(one) == 2 and all(r["n"] == 7 and len(r["predictions"]) == 7 for r in one)
     assert p.stdout.count("records in") == 1  # one voice, rank 0's
+
+
+def test_killed_eval_leaves_no_lock_in_its_dataloader_workers(open_ckpt, shapes_folders, tmp_path):
+    """The DataLoader's workers are forks of eval.py, with its descriptors: they must not keep the --results lock
+    alive once eval.py is killed (they outlive it by up to seconds), or the rerun would be refused."""
+    import signal
+    import time
+    import files
+    res = str(tmp_path / "r.json")
+    p = subprocess.Popen([sys.executable, "eval.py", f"--init_from={open_ckpt}", "--task=vqa",
+                          f"--data_dir={shapes_folders['vqa'][2]}", "--shots=0", "--num_trials=50", "--max_new_tokens=2",
+                          "--num_beams=1", "--num_workers=2", f"--results={res}"], cwd=ROOT, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(res) and time.time() < deadline and p.poll() is None:
+            time.sleep(0.02)
+        time.sleep(0.2)  # into a later trial: its workers are alive
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    files.lock(res + ".lock", "--results")  # free at once (FileError if a worker still held it)
