@@ -147,7 +147,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 
 @torch.no_grad()
 def generate(model, images, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, num_beams=1,
-             use_cache=True, stop_token_id=None, on_token=None):
+             use_cache=True, stop_token_id=None, on_token=None, length_penalty=1.0):
     """Continue each prompt by up to max_new_tokens new tokens (Flamingo.generate documents it). prompts: a tensor
     (B, T) of prompts of one length -> (B, T + new) tensor; or a list of token lists of any lengths -> a list of
     each prompt's new tokens, without the stop token."""
@@ -156,7 +156,7 @@ def generate(model, images, prompts, max_new_tokens, temperature=1.0, top_k=None
     as_lists = not isinstance(prompts, torch.Tensor)
     idx, real = left_pad(prompts, device) if as_lists else (prompts, None)
     if num_beams > 1:
-        out = beam_search(model, images, idx, real, max_new_tokens, num_beams, use_cache, stop)
+        out = beam_search(model, images, idx, real, max_new_tokens, num_beams, use_cache, stop, length_penalty)
     else:
         out = sample(model, images, idx, real, max_new_tokens, temperature, top_k, top_p, use_cache, stop, on_token)
     if not as_lists:

@@ -180,22 +180,24 @@ class Flamingo(nn.Module):
         (loss_at), never for the others, and not returned.
         vision_features (N, F, S, D): the tower's output for the images, given instead of them (encode_media).
         attention_mask (B, T): 1 at real tokens, 0 at left padding (rows of different lengths); None: all real."""
-        visual = self.encode_media(images, idx, vision_features)  # (B, M, R, D)
+        media = self.encode_media(images, idx, vision_features)   # (N, R, D) visual tokens, and their rows and slots
         text_time = (idx == self.media_token_id).cumsum(1)       # (B, T): phi of Flamingo Figure 6
         real = None if attention_mask is None else attention_mask.bool()
         pos = None if real is None else row_positions(real)       # (B, T): each row's own positions
-        kvs = self.media_kvs(visual)
+        kvs = self.media_kvs(media)                               # {layer: (k, v)}, each (B, h, M*R, dh)
         if targets is None:
             return self.forward_lm(idx, text_time, kvs, real=real, pos=pos), None
         return None, self.loss_at(self.hidden_states(idx, text_time, kvs, real=real, pos=pos), targets)
 
     def encode_media(self, images, idx, vision_features=None):
-        """Resampled visual tokens of each row's images, in slots: (B, M, R, D), or None without images.
+        """The resampled visual tokens of the batch's media items and where they go: (tokens (N, R, D), (row, slot,
+        B, M)), row and slot (N,) each item's row and its place among that row's items; None without images.
 
         `images` (N, F, 3, H, W) holds the N media items of the batch in the order of their `<image>`
-        tokens, row by row. Only real images are encoded: a row with fewer images than M leaves zero
-        slots that no token can attend to (see xattn.media_mask). vision_features (N, F, S, D) instead: the
-        frozen tower's output for those images, computed once and cached (folders.FeatureCache).
+        tokens, row by row. Only real images are encoded, and only their keys and values computed (media_kvs):
+        a row with fewer items than M (the most any row has) gets zero slots that no token attends to (see
+        xattn.media_mask). vision_features (N, F, S, D) instead: the frozen tower's output for those images,
+        computed once and cached (folders.FeatureCache).
         """
         if vision_features is not None:
             images = vision_features
@@ -219,15 +221,14 @@ class Flamingo(nn.Module):
         B, M = idx.shape[0], int(counts.max())
         row = torch.repeat_interleave(torch.arange(B, device=idx.device), counts)       # (N,) row of each item
         slot = torch.arange(N, device=idx.device) - (counts.cumsum(0) - counts)[row]  # (N,) its place in the row
-        visual = tokens.new_zeros(B, M, *tokens.shape[1:])   # (B, M, R, D)
-        visual[row, slot] = tokens
-        return visual
+        return tokens, (row, slot, B, M)
 
-    def media_kvs(self, visual):
-        """Each xattn block's keys and values of the visual tokens: {layer: (k, v)}; {} without images."""
-        if visual is None:
+    def media_kvs(self, media):
+        """Each xattn block's keys and values of the media (encode_media's), each (B, h, M*R, dh): {layer: (k, v)};
+        {} without images."""
+        if media is None:
             return {}
-        return {i: blk.attn.media_kv(visual) for i, blk in self.xattn.items()}
+        return {i: blk.attn.media_kv(*media) for i, blk in self.xattn.items()}
 
     def embed_tokens(self, idx):
         """Token embeddings (B, T, C): the frozen LM table, and the new trained rows for ids >= V."""
@@ -301,8 +302,10 @@ class Flamingo(nn.Module):
 
     @torch.no_grad()
     def generate(self, images, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, num_beams=1,
-                 use_cache=True, stop_token_id=None, on_token=None):
-        """Continue each prompt by up to max_new_tokens new tokens. temperature=0 is greedy.
+                 use_cache=True, stop_token_id=None, on_token=None, length_penalty=1.0):
+        """Continue each prompt by up to max_new_tokens new tokens. temperature=0 is greedy; num_beams > 1 is beam
+        search, whose finished hypotheses are ranked by their summed log-probability / (new tokens) ** length_penalty
+        (OpenFlamingo's evaluation passes 0: the plain sum).
 
         prompts: a list of token-id lists of any lengths -> a list of each prompt's new tokens (without the stop
         token); or a tensor (B, T) of prompts of one length -> (B, T + new), the prompts and their continuations,
@@ -314,7 +317,7 @@ class Flamingo(nn.Module):
         on_token(tokens (B, 1)) is called as each token is chosen (for streaming; not with beam search).
         """
         return generation.generate(self, images, prompts, max_new_tokens, temperature, top_k, top_p, num_beams,
-                                   use_cache, stop_token_id, on_token)
+                                   use_cache, stop_token_id, on_token, length_penalty)
 
     # -------------------------------------------------------------------------
     # Building one

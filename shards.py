@@ -224,6 +224,26 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return f"{self.n} samples; skipped: {skips}"
 
 
+def pack(samples, block_size, open_rows=8):
+    """Samples (ids, images) -> rows (ids, images) of at most block_size tokens, each sample whole in one row:
+    OpenFlamingo pads each caption to its batch's longest and each document to 256 tokens; we fill rows instead.
+    First fit over a few open rows: a sample goes into the first open row with room for it, else into a new one;
+    when more than open_rows are open, the oldest goes out (open_rows=1: each row closed as soon as a sample does
+    not fit). A sample alone longer than block_size makes a row of its own, which collate() cuts."""
+    rows = []  # the open rows: [ids, images]
+    for sample_ids, sample_images in samples:
+        row = next((r for r in rows if len(r[0]) + len(sample_ids) <= block_size), None)
+        if row is None:
+            row = [[], []]
+            rows.append(row)
+        row[0] += sample_ids
+        row[1] += sample_images
+        if len(rows) > open_rows:
+            yield tuple(rows.pop(0))
+    for row in rows:
+        yield tuple(row)
+
+
 def as_is(sample):
     return sample
 
@@ -273,12 +293,7 @@ class ShardStream:
                 raise ValueError(f"{self.dataset.kind} shards: an epoch gave no usable sample (see the log above)")
 
     def rows(self):
-        ids, images = [], []
-        for sample_ids, sample_images in self.shuffled():
-            if ids and len(ids) + len(sample_ids) > self.block_size:
-                yield ids, images
-                ids, images = [], []
-            ids, images = ids + sample_ids, images + sample_images  # one alone too long: collate() cuts it
+        yield from pack(self.shuffled(), self.block_size)
 
     def skip(self, n):
         """Consume n rows (a resumed run: the rows its first run had trained on)."""

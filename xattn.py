@@ -46,11 +46,19 @@ class MaskedCrossAttention(nn.Module):
         self.to_kv = nn.Linear(dim_visual, 2 * inner, bias=False)  # keys, then values
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def media_kv(self, visual):
-        """Keys and values of the visual tokens (B, M, R, D) -> two (B, h, M*R, dh) tensors.
+    def media_kv(self, visual, where=None):
+        """Keys and values of the visual tokens -> two (B, h, M*R, dh) tensors. visual (B, M, R, D): every row's M
+        slots; or the batch's N items (N, R, D) with where = (row, slot, B, M), each item's row and place in it
+        (Flamingo.encode_media): the keys and values of real items only, put in their slots, zeros elsewhere.
         Generation computes these once per prompt and reuses them for every new token."""
-        B, M, R, _ = visual.shape
-        k, v = self.to_kv(visual.reshape(B, M * R, -1)).chunk(2, dim=-1)
+        kv = self.to_kv(visual)                                           # (B, M, R, 2 inner) or (N, R, 2 inner)
+        if where is not None:
+            row, slot, B, M = where
+            slots = kv.new_zeros(B, M, *kv.shape[1:])                     # (B, M, R, 2 inner)
+            slots[row, slot] = kv
+            kv = slots
+        B, M, R, _ = kv.shape
+        k, v = kv.view(B, M * R, -1).chunk(2, dim=-1)                    # (B, M*R, inner) each
         return tuple(t.view(B, M * R, self.heads, -1).transpose(1, 2).contiguous() for t in (k, v))
 
     def forward(self, x, text_time, kv, R):

@@ -323,3 +323,23 @@ def test_shard_stream_shuffle_buffer_is_seeded(tmp_path):
     shuffled = captions(5, 0)
     assert shuffled == captions(5, 0) != in_order and shuffled != captions(5, 1)
     assert set(shuffled) <= set(in_order) and len(set(shuffled[:12])) > 6
+
+
+def test_pack_fills_rows_first_fit():
+    """shards.pack: every sample whole in exactly one row, in order within its row, its images with it; no row over
+    block_size but a sample alone too long; first fit fills what next fit (open_rows=1) leaves empty."""
+    from shards import pack
+    lengths = [68, 86, 256, 256, 120, 256, 98, 256, 300, 10, 5]
+    samples = [([i] * n, [f"img{i}"] * (i % 3)) for i, n in enumerate(lengths)]
+    for open_rows in (1, 2, 8):
+        rows = list(pack(samples, 256, open_rows))
+        seen = sorted(t for ids, _ in rows for t in ids)
+        assert seen == sorted(t for ids, _ in samples for t in ids)  # nothing lost or repeated
+        for ids, images in rows:
+            assert len(ids) <= 256 or len(set(ids)) == 1              # only a sample alone is too long
+            order = list(dict.fromkeys(ids))
+            assert order == sorted(order) and ids == [t for i in order for t in [i] * lengths[i]]  # whole, in order
+            assert images == [im for i in order for im in [f"img{i}"] * (i % 3)]
+    next_fit, first_fit = list(pack(samples, 256, 1)), list(pack(samples, 256, 8))
+    assert [len(r) for r, _ in next_fit] == [154, 256, 256, 120, 256, 98, 256, 300, 15]
+    assert [len(r) for r, _ in first_fit] == [252, 256, 256, 135, 256, 256, 300]  # 2 rows fewer: 98 and 10+5 fit
