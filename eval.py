@@ -14,8 +14,8 @@ Few-shot evaluation with OpenFlamingo's protocol (Awadalla et al. 2023; its open
      query image in the vision encoder's features, the most similar last, next to the query;
    - the prompt is the demonstrations' chunks, then the query's; 0 shots means two demonstrations with
      their images removed (text only), as OpenFlamingo does, so the model still sees the format;
-   - beam search with 3 beams, at most 20 new tokens for captions, 5 for VQA (10 for TextVQA), stopped at
-     <|endofchunk|>, the answer cut at a following "Question"/"Answer"/"Output";
+   - beam search with 3 beams ranked by summed log-probability (its length_penalty 0), at most 20 new tokens
+     for captions, 5 for VQA (10 for TextVQA), stopped at <|endofchunk|>, cut at a following "Question" etc.;
    - classification (HatefulMemes) ranks the class names by mean token log-probability.
    The metrics are in metrics.py (`from eval import cider, vqa_accuracy, roc_auc` works as well).
 3. The shapes world: questions and captions (with blank images too), and the task-by-example curve.
@@ -33,10 +33,8 @@ One trial, from prompts to metrics (run_trial; the shapes world's functions go t
    - the answers come back in the prompts' order, gathered from every process; the metrics are computed from
      them (on every process, the same), and rank 0 alone prints, keeps the --results file's lock and writes it.
    So the records do not depend on batch_size or the number of processes (tests/test_eval.py: 1 process at
-   batch 1 and 2 at batch 8 on CPU; in low precision on a GPU, padding may move a near-tie).
-
-Every function takes its settings as arguments: `import eval` and call run_trial or run_shapes from Python as the
-command line does; the module's settings below are the command line's defaults only.
+   batch 1 and 2 at batch 8 on CPU; in low precision on a GPU, padding may move a near-tie). Every function takes
+its settings as arguments: `import eval` and call run_trial or run_shapes as the command line does.
 """
 
 import hashlib
@@ -123,28 +121,16 @@ def build_prompt(kind, tok, demos, query, zero_shot=False):
     return ids + chunk(kind, tok, query, demo=False), images + [query["image"]]
 
 
-def load_images(paths, vision):
-    """Image files -> (N, 1, 3, H, W) with CLIP's evaluation preprocessing (VisionEncoder.preprocess). Raises
-    whatever PIL raises for a bad file (OSError, DecompressionBombError over 179M pixels, ...)."""
-    from PIL import Image
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            out.append(vision.preprocess(im))
-    return torch.stack(out)[:, None]
-
-
 def device_of(model):
     return next(model.parameters()).device
 
 
 @torch.no_grad()
-def image_features(model, examples, cache_dir, label, model_id="", batch_size=64):
+def image_features(model, examples, cache_dir, label, model_id="", batch_size=64, num_workers=2):
     """RICES features: the vision encoder's tokens averaged and L2-normalised, (N, D), one row per example
     (OpenFlamingo uses CLIP's pooled embedding; this uses the tower Flamingo reads). Cached on disk, keyed by
     the encoder, `model_id` (the checkpoint, whose tower may be its own) and the examples' images; the cache is
     loaded without executing code (files.torch_load)."""
-    from tqdm import tqdm
     key = hashlib.sha1(json.dumps([model.vision.name, str(model.vision.pretrained), model_id,
                                    [e["image"] for e in examples]]).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"{label}-{key}.pt")
@@ -153,27 +139,15 @@ def image_features(model, examples, cache_dir, label, model_id="", batch_size=64
             return files.torch_load(path)
         except files.FileError as e:  # a damaged cache is computed again
             print(f"RICES ({label}): {e}; computing it again")
-    feats, bad = [], 0
-    for i in tqdm(range(0, len(examples), batch_size), desc=f"RICES features ({label})"):
-        batch = examples[i:i + batch_size]
-        try:
-            x = load_images([e["image"] for e in batch], model.vision).to(device_of(model))  # (n, 1, 3, H, W)
-        except Exception:  # an unreadable image in this batch (any decoder error, a decompression bomb): one at a
-            # time, a zero row for it
-            rows = []
-            for e in batch:
-                try:
-                    rows.append(load_images([e["image"]], model.vision)[0])
-                except Exception:
-                    rows.append(None)
-                    bad += 1
-            f = [None if r is None else image_features_of(model, r[None].to(device_of(model)))[0] for r in rows]
-            feats.append(torch.stack([torch.zeros(model.vision.width) if v is None else v for v in f]))
-            continue
-        feats.append(image_features_of(model, x))
+    fn = lambda ids, x: list(image_features_of(model, x.to(device_of(model))))  # noqa: E731  one (D,) an image
+    out = answer(fn, [([], [e["image"]]) for e in examples], model.vision, batch_size, num_workers,
+                 desc=f"RICES features ({label})")  # split over the processes under torchrun, as the prompts
+    bad = sum(isinstance(f, Skipped) for f in out)
+    feats = torch.stack([torch.zeros(model.vision.width) if isinstance(f, Skipped) else f for f in out])  # (N, D)
+    if rank_world()[0] != 0:  # every process has them all; rank 0 alone says so and writes the cache
+        return feats
     if bad:
         print(f"RICES ({label}): {bad} unreadable images get no similarity and are never chosen")
-    feats = torch.cat(feats)                                                             # (N, D)
     try:
         os.makedirs(cache_dir, exist_ok=True)
         files.atomic_save(feats, path)
@@ -203,7 +177,8 @@ def postprocess(text):
 def generate_answers(model, tok, prompts, images, max_new, beams):
     """Continue B prompts (lists of ids, of any lengths) about their images (N, 1, 3, H, W), all of them in one
     model.generate call (the prompts left-padded, each decoded as it would be alone) -> B postprocessed texts."""
-    out = model.generate(images.to(device_of(model)), prompts, max_new, temperature=0, num_beams=beams)  # B lists
+    out = model.generate(images.to(device_of(model)), prompts, max_new, temperature=0, num_beams=beams,
+                         length_penalty=0.0)  # B lists of new tokens
     return [postprocess(tok.decode(o)) for o in out]  # (model.generate drops the <|endofchunk|> that ends each)
 
 
@@ -226,12 +201,10 @@ def class_scores(model, tok, prompts, images, class_names):
              for j, n in enumerate(names)] for b in range(B)]
 
 
-def run_trial(model, tok, kind, train, test, k, seed, rices_feats=None, num_samples=None, query_set_size=2048,
-              max_new_tokens=5, num_beams=3, label="", batch_size=8, num_workers=2):
-    """One (shot count k, seed): metrics over the test examples (all of them, or num_samples drawn), and the
-    predictions [[example id, prediction], ...], as a dict. Every prompt is drawn first, with the same draws
-    whatever batch_size and the number of processes, then answered batch_size at a time (batching.answer:
-    images decoded by num_workers DataLoader workers; under torchrun the prompts split over the processes)."""
+def trial_prompts(model, tok, kind, train, test, k, seed, rices_feats=None, num_samples=None, query_set_size=2048,
+                  max_new_tokens=5):
+    """The prompts of one (shot count k, seed), drawn with the same random draws whatever the batch size and the
+    number of processes: -> [(test index, example)], [(ids, image paths)], Counter of the skipped."""
     rng = np.random.default_rng(seed)
     n = len(test) if num_samples is None or num_samples < 0 else min(num_samples, len(test))
     chosen = rng.choice(len(test), n, replace=False)
@@ -252,6 +225,17 @@ def run_trial(model, tok, kind, train, test, k, seed, rices_feats=None, num_samp
             continue
         queries.append((int(i), query))
         prompts.append((ids, paths))
+    return queries, prompts, skipped
+
+
+def run_trial(model, tok, kind, train, test, k, seed, rices_feats=None, num_samples=None, query_set_size=2048,
+              max_new_tokens=5, num_beams=3, label="", batch_size=8, num_workers=2):
+    """One (shot count k, seed): metrics over the test examples (all of them, or num_samples drawn), and the
+    predictions [[example id, prediction], ...], as a dict. The prompts are drawn first (trial_prompts), then
+    answered batch_size at a time (batching.answer: images decoded by num_workers DataLoader workers; under
+    torchrun the prompts split over the processes)."""
+    queries, prompts, skipped = trial_prompts(model, tok, kind, train, test, k, seed, rices_feats, num_samples,
+                                              query_set_size, max_new_tokens)
     if kind == "classification":
         fn = lambda ids, x: class_scores(model, tok, ids, x, CLASS_NAMES)  # noqa: E731  B lists of 2 scores
     else:
@@ -478,7 +462,7 @@ def main():
             feats = None
             if rices:
                 cache = rices_cache or os.path.join(data_dir, ".rices_cache")
-                feats = tuple(image_features(model, split, cache, f"{task}-{name}", init_from)
+                feats = tuple(image_features(model, split, cache, f"{task}-{name}", init_from, num_workers=num_workers)
                               for name, split in (("train", train), ("test", test)))
             for k in shot_list:
                 for seed in range(trial_seed, trial_seed + num_trials):
