@@ -286,6 +286,8 @@ def hf_bpe_tokenizer(path, lm_vocab_size=None, new_tokens=(IMAGE, EOC)):
     base = tiktoken.Encoding(name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "hf", pat_str=pattern,
                              mergeable_ranks=ranks, special_tokens={EOT: eot if to_id is None else len(order)})
     hf = HFExtras(norm is not None, added, special, to_id)
+    made = set(order)  # entries of the vocabulary that no merge makes: never encoded, decoded as their own text
+    hf.names.update({i: t.decode("utf-8", errors="replace") for t, i in vocab.items() if t not in made})
     tok = Tokenizer(path, base, n if lm_vocab_size is None else lm_vocab_size, new_tokens, hf)
     tok.eot_id, tok.base_n_vocab = eot, n
     hf.names.update({tok.n_vocab - len(new_tokens) + i: t for i, t in enumerate(new_tokens)})

@@ -183,3 +183,24 @@ def test_unsupported_files_refused(tmp_path):
     json.dump(spec, open(tmp_path / "nfkc.json", "w"))
     with pytest.raises(NotImplementedError, match="normalizer"):
         tokenizer.hf_bpe_tokenizer(str(tmp_path / "nfkc.json"))
+
+
+@needs_tokenizers
+def test_vocabulary_entries_no_merge_makes_decode(tmp_path):
+    """A vocabulary entry that no merge produces (padding entries of a vocabulary grown to a round size) is never
+    encoded, but a model may still generate it: it decodes to its text, as the `tokenizers` library decodes it,
+    instead of failing in the middle of an evaluation."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus(200, seed=0), tokenizers.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    spec = json.loads(tok.to_str())
+    n = len(spec["model"]["vocab"])
+    spec["model"]["vocab"].update({"<unused0>": n, "<unused1>": n + 1})
+    path = str(tmp_path / "tokenizer.json")
+    Tokenizer.from_str(json.dumps(spec)).save(path)
+    ref, ours = tokenizers.Tokenizer.from_file(path), tokenizer.hf_bpe_tokenizer(path)
+    ids = ours.encode("a red circle") + [n, n + 1]
+    assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False) == "a red circle<unused0><unused1>"
