@@ -5,6 +5,7 @@ Speed, measured side by side with OpenFlamingo 2.0.1's own code on the same weig
     python bench.py --size=tiny              # the tests' sizes: about a minute, a check that all of it runs
     python bench.py --what=generate,data     # some of: train, generate, eval, data (default: all four)
     python bench.py --what=features          # ours alone: training on cached tower features against pixels
+    python bench.py --what=head              # ours alone: four ways to compute the loss over the two heads
     python bench.py --device=cuda            # ours alone on a GPU: bench_gpu.py (bf16, compile, MFU)
 
 OpenFlamingo's code is the test-only requirement (pip install --no-deps -r requirements-reference.txt).
@@ -46,7 +47,7 @@ from shards import pack
 from tokenizer import CAPTION, EOC
 
 # -----------------------------------------------------------------------------
-what = "train,generate,eval,data"  # or features (ours alone); --device=cuda runs bench_gpu.py instead
+what = "train,generate,eval,data"  # or features, head (ours alone); --device=cuda runs bench_gpu.py instead
 size = "small"                     # small: GPT-2-small scale; tiny: the tests' sizes
 repeats = 5                        # timed pairs per measurement of train and data, after a warm-up
 slow_repeats = 2                   # ... of generate and eval (OpenFlamingo's batch of 8 takes minutes)
@@ -307,6 +308,55 @@ def bench_features(steps=4):
 
 
 # -----------------------------------------------------------------------------
+# head (ours alone): ways to compute the loss over the frozen head's V rows and the new tokens' n rows
+
+
+def bench_head(K=400, B=4, T=128, C=768, V=50277, n=3):
+    """The loss and its backward at GPT-2-small scale, B x T positions of which K have a target, four ways: every
+    position's logits concatenated (K, V + n) then cross_entropy (as before); the same at the K targets only; at
+    the targets, logsumexp of each part; at the targets, the frozen part's log-sum-exp from cross_entropy's fused
+    kernel plus a dot product (Flamingo.loss_at). Medians of `repeats` rounds, alternating."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    W, new = torch.randn(V, C, generator=g) * 0.02, (torch.randn(n, C, generator=g) * 0.02).requires_grad_()
+    targets = torch.full((B * T,), -1)
+    targets[torch.randperm(B * T, generator=g)[:K]] = torch.randint(0, V + n, (K,), generator=g)
+
+    def everywhere(h):
+        return F.cross_entropy(torch.cat([h @ W.t(), h @ new.t()], -1), targets, ignore_index=-1)
+
+    def at_targets(h):
+        h, t = h[targets != -1], targets[targets != -1]
+        return F.cross_entropy(torch.cat([h @ W.t(), h @ new.t()], -1), t)
+
+    def logsumexp(h):
+        h, t = h[targets != -1], targets[targets != -1]
+        a, b = h @ W.t(), h @ new.t()
+        lse = torch.logaddexp(a.logsumexp(-1), b.logsumexp(-1))
+        return (lse - torch.where(t < V, a.gather(1, t.clamp(max=V - 1)[:, None])[:, 0],
+                                  b.gather(1, (t - V).clamp(min=0)[:, None])[:, 0])).mean()
+
+    def fused(h):  # Flamingo.loss_at's way
+        h, t = h[targets != -1], targets[targets != -1]
+        w = W[t.clamp(max=V - 1)]
+        lse = torch.logaddexp(F.cross_entropy(h @ W.t(), t.clamp(max=V - 1), reduction="none") + (h * w).sum(-1),
+                              (h @ new.t()).logsumexp(-1))
+        return (lse - torch.where(t < V, (h * w).sum(-1), (h * new[(t - V).clamp(min=0)]).sum(-1))).mean()
+
+    ways, h = [everywhere, at_targets, logsumexp, fused], torch.randn(B * T, C, generator=g, requires_grad=True)
+    losses = [f(h).item() for f in ways]
+    assert max(losses) - min(losses) < 1e-4 * abs(losses[0]), losses
+    times = {f.__name__: [] for f in ways}
+    for _ in range(repeats):
+        for f in ways:
+            times[f.__name__].append(timed(lambda: f(h).backward())[0])
+    rec = {k: statistics.median(v) for k, v in times.items()}
+    print(f"the loss over {V} + {n} rows at {K} of {B * T} positions, forward and backward (median of {repeats}): "
+          + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in rec.items()))
+    return [dict(label="head", K=K, positions=B * T, times=times, **{f"{k}_s": v for k, v in rec.items()})]
+
+
+# -----------------------------------------------------------------------------
 
 
 def main():
@@ -314,15 +364,16 @@ def main():
     configure(globals())
     parts = [p for p in what.split(",") if p]
     check(globals(), at_least=dict(repeats=1, slow_repeats=1, threads=1), choices=dict(size=("small", "tiny")))
-    unknown = set(parts) - {"train", "generate", "eval", "data", "features"}
+    unknown = set(parts) - {"train", "generate", "eval", "data", "features", "head"}
     if unknown:
-        raise SystemExit(f"error: --what: unknown {sorted(unknown)}; known: train, generate, eval, data, features")
+        raise SystemExit(f"error: --what: unknown {sorted(unknown)}; known: train, generate, eval, data, features, head")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     results = dict(size=size, threads=threads, repeats=repeats, slow_repeats=slow_repeats, torch=torch.__version__,
                    parts={})
-    if "features" in parts:
-        results["parts"]["features"] = bench_features()
+    for part in ("features", "head"):  # ours alone
+        if part in parts:
+            results["parts"][part] = globals()[f"bench_{part}"]()
     parts = [p for p in ("generate", "eval", "train", "data") if p in parts]  # training last: it moves the weights
     if parts:
         try:
