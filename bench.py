@@ -1,7 +1,7 @@
 """
 Speed, measured side by side with OpenFlamingo 2.0.1's own code on the same weights, in one run.
 
-    python bench.py                          # GPT-2-small scale on a CPU, fp32, 1 thread: about 40 minutes
+    python bench.py                          # GPT-2-small scale on a CPU, fp32, 1 thread: about an hour
     python bench.py --size=tiny              # the tests' sizes: about a minute, a check that all of it runs
     python bench.py --what=generate,data     # some of: train, generate, eval, data (default: all four)
     python bench.py --what=features          # ours alone: training on cached tower features against pixels
