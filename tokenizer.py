@@ -1,15 +1,14 @@
 """
-Tokenizers, all on tiktoken: the LM's own vocabulary first, then Flamingo's new tokens appended after it,
-`<image>` (where a media item sits) and `<|endofchunk|>` (the end of the text that belongs to one image; Flamingo
-Figure 6).
+Tokenizers: the LM's own vocabulary first, then Flamingo's new tokens appended after it, `<image>` (where a media
+item sits) and `<|endofchunk|>` (the end of the text that belongs to one image; Flamingo Figure 6).
 
 1. The markup, OpenFlamingo's prompt formats, and `Tokenizer`: plain text never becomes a special token (a caption
    that contains the characters "<image>" stays text); markup becomes one only through the explicit
    encode_markup() and encode_template().
-2. The encodings: "bytes" (256 byte tokens, offline), "gpt2" (tiktoken's, downloaded once), "shapes" (a BPE
-   learned from the shapes world's text by train_bpe, kept in config/tokenizer/shapes.tiktoken), and Hugging Face
-   tokenizer.json files (GPT-NeoX, GPT-2, Llama-3, Qwen2, SmolLM2) converted to tiktoken with the ids the
-   `tokenizers` library gives.
+2. The encodings: on tiktoken, "bytes" (256 byte tokens, offline), "gpt2" (tiktoken's, downloaded once) and
+   "shapes" (a BPE learned from the shapes world's text by train_bpe, kept in config/tokenizer/shapes.tiktoken);
+   and any Hugging Face tokenizer.json (GPT-NeoX, GPT-2, Llama, Llama-3, Qwen2, SmolLM2, IDEFICS' LLaMA), run by
+   Hugging Face's `tokenizers` library, which gives the ids those LMs were trained on.
 3. get_tokenizer(name): the one way the scripts get a tokenizer.
 """
 
@@ -17,11 +16,8 @@ import base64
 import functools
 import os
 import re
-import unicodedata
 
 import tiktoken
-
-import files
 
 # -----------------------------------------------------------------------------
 # 1. Markup and the Tokenizer
@@ -36,47 +32,40 @@ VQA = "<image>Question:{question} Short answer:{answer}<|endofchunk|>"
 
 class Tokenizer:
     """
-    A tiktoken Encoding plus the two Flamingo tokens, appended after the LM's vocabulary:
-    image_id = lm_vocab_size, eoc_id = lm_vocab_size + 1, n_vocab = lm_vocab_size + 2.
-    encode() is for plain text and never yields a special id: a caption that contains the
-    characters "<image>" stays text. encode_markup() is the one explicit way to get them.
+    An LM's tokenizer plus the Flamingo tokens, appended after the LM's vocabulary in the order given: this
+    project's (<image>, <|endofchunk|>): image_id = lm_vocab_size, eoc_id = lm_vocab_size + 1; or OpenFlamingo's
+    (<|endofchunk|>, <image>, <PAD>) = 50277, 50278, 50279 after GPT-NeoX's 50277. n_vocab = lm_vocab_size + their
+    number. encode() is for plain text and never yields a special id: a caption that contains the characters
+    "<image>" stays text. encode_markup() is the one explicit way to get them.
+
+    Two kinds below: TiktokenTokenizer (bytes, gpt2, shapes) and HFTokenizer (any tokenizer.json). Each gives
+    encode(text) and decode_base(ids) for the LM's own ids; the markup is handled here, the same for both.
     """
 
-    def __init__(self, name, base, lm_vocab_size=None, new_tokens=(IMAGE, EOC), hf=None):
-        lm_vocab_size = base.n_vocab if lm_vocab_size is None else lm_vocab_size
-        assert lm_vocab_size >= base.n_vocab, f"lm_vocab_size {lm_vocab_size} < tokenizer's {base.n_vocab}"
-        self.name = name
-        self.eot_id = base.eot_token
-        # the new tokens follow the LM's vocabulary in the order given: this project's (<image>, <|endofchunk|>), or
-        # OpenFlamingo's (<|endofchunk|>, <image>, <PAD>) = 50277, 50278, 50279 after GPT-NeoX's 50277
+    def __init__(self, name, base_n_vocab, eot_id, lm_vocab_size=None, new_tokens=(IMAGE, EOC)):
+        lm_vocab_size = base_n_vocab if lm_vocab_size is None else lm_vocab_size
+        assert lm_vocab_size >= base_n_vocab, f"lm_vocab_size {lm_vocab_size} < tokenizer's {base_n_vocab}"
+        self.name, self.eot_id = name, eot_id
+        self.base_n_vocab = base_n_vocab  # ids in [base_n_vocab, lm_vocab_size): embedding rows with no token
         self.new_tokens = tuple(new_tokens)
         self.image_id = lm_vocab_size + self.new_tokens.index(IMAGE)
         self.eoc_id = lm_vocab_size + self.new_tokens.index(EOC)
         self.n_vocab = lm_vocab_size + len(self.new_tokens)
-        self.hf = hf  # a converted Hugging Face tokenizer's extras (HFExtras), or None
-        # ids in [base.n_vocab, lm_vocab_size) are embedding rows with no token (padded LMs)
-        self.base_n_vocab = base.n_vocab
-        # the tiktoken README's way to extend an encoding with new special tokens
-        self.enc = tiktoken.Encoding(
-            name=f"{base.name}_flamingo",
-            pat_str=base._pat_str,
-            mergeable_ranks=base._mergeable_ranks,
-            special_tokens={**base._special_tokens, **{t: lm_vocab_size + i for i, t in enumerate(self.new_tokens)}},
-        )
+        self.new_ids = {lm_vocab_size + i: t for i, t in enumerate(self.new_tokens)}  # id -> its markup
 
     def encode(self, text):
         """Plain text -> ids. Special-token strings in `text` are encoded as ordinary text."""
-        if self.hf is None:
-            return self.enc.encode_ordinary(text)
-        return self.hf.encode(text, self.enc.encode_ordinary)
+        raise NotImplementedError
+
+    def decode_base(self, ids):
+        """The LM's own ids (no Flamingo token) -> str."""
+        raise NotImplementedError
 
     def encode_markup(self, text):
         """Markup -> ids: "<image>", "<|endofchunk|>" and "<|endoftext|>" become their special ids."""
-        if self.hf is None:
-            return self.enc.encode(text, allowed_special={IMAGE, EOC, EOT}, disallowed_special=())
         ids, specials = [], {IMAGE: self.image_id, EOC: self.eoc_id, EOT: self.eot_id}
         for i, piece in enumerate(re.split(f"({re.escape(IMAGE)}|{re.escape(EOC)}|{re.escape(EOT)})", text)):
-            ids += [specials[piece]] if i % 2 else self.encode(piece)
+            ids += [specials[piece]] if i % 2 else self.encode(piece) if piece else []
         return ids
 
     def encode_template(self, template, **fields):
@@ -91,11 +80,39 @@ class Tokenizer:
         return ids
 
     def decode(self, ids):
-        """ids -> str; special ids render as their markup. Ids with no token (padding rows) are dropped."""
-        ids = [int(i) for i in ids]
-        ids = [i for i in ids if i < self.base_n_vocab or i >= self.n_vocab - len(self.new_tokens)]
-        if self.hf is not None:
-            return self.hf.decode(ids, self.enc.decode_bytes)
+        """ids -> str; the Flamingo tokens render as their markup. Ids with no token (padding rows) are dropped."""
+        out, run = [], []
+        for i in [int(i) for i in ids] + [None]:
+            if i is None or i in self.new_ids:  # a Flamingo token ends a run of the LM's own ids
+                if run:
+                    out.append(self.decode_base(run))
+                out.append(self.new_ids.get(i, ""))
+                run = []
+            elif i < self.base_n_vocab:
+                run.append(i)
+        return "".join(out)
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A tiktoken Encoding (bytes, gpt2, shapes), its special tokens extended with the Flamingo ones."""
+
+    def __init__(self, name, base, lm_vocab_size=None, new_tokens=(IMAGE, EOC)):
+        super().__init__(name, base.n_vocab, base.eot_token, lm_vocab_size, new_tokens)
+        # the tiktoken README's way to extend an encoding with new special tokens
+        self.enc = tiktoken.Encoding(
+            name=f"{base.name}_flamingo",
+            pat_str=base._pat_str,
+            mergeable_ranks=base._mergeable_ranks,
+            special_tokens={**base._special_tokens, **{t: i for i, t in self.new_ids.items()}},
+        )
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def encode_markup(self, text):  # tiktoken's own (the same ids as Tokenizer's, in one call)
+        return self.enc.encode(text, allowed_special={IMAGE, EOC, EOT}, disallowed_special=())
+
+    def decode_base(self, ids):
         return self.enc.decode(ids, errors="replace")
 
 
@@ -182,116 +199,38 @@ def shapes_encoding():
     return tiktoken.Encoding(name="shapes", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
 
 
-class HFExtras:
-    """What a Hugging Face tokenizer.json does beyond its BPE, done around the tiktoken Encoding:
-    - its normalizer (NFC for GPT-NeoX), applied first;
-    - its added tokens, found in the text before anything else, longest first (GPT-NeoX adds runs of 2 to 24
-      spaces as tokens 50254-50276: "a" + 5 spaces + "b" is "a", a 4-space token, " b" there, not BPE's
-      split); special ones (<|endoftext|>) stay text in encode(), as for every tokenizer here;
-    - ids: tiktoken merges the pair whose joined bytes has the lowest rank, so its ranks must follow the
-      merge order; where the file's ids do not, ranks are the merge order and `to_id` maps them back."""
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer.json, run by Hugging Face's own `tokenizers` library: whatever model, normalizer and
+    pre-tokenizer the file names (byte-level BPE as GPT-NeoX, GPT-2, Llama-3, Qwen2 and SmolLM2 have it; BPE with byte
+    fallback, SentencePiece-style, as LLaMA and IDEFICS have it), with the ids the LM was trained on.
 
-    def __init__(self, nfc, added, special, to_id):
-        self.nfc, self.added, self.to_id = nfc, added, to_id
-        self.names = {i: t for t, i in {**added, **special}.items()}  # ids decode() writes out whole
-        self.from_id = None if to_id is None else {i: r for r, i in enumerate(to_id)}
-        self.split = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")") \
-            if added else None
+    Plain text stays plain: the library's special tokens (<|endoftext|>, <s>) are encoded as the text they spell
+    (its encode_special_tokens), while added tokens that are not special (GPT-NeoX's runs of 2 to 24 spaces) are
+    found in the text as the library finds them. No BOS or EOS is added: prompts are built from pieces here."""
 
-    def encode(self, text, encode_ordinary):
-        if self.nfc:
-            text = unicodedata.normalize("NFC", text)
-        pieces = self.split.split(text) if self.split else [text]
-        ids = []
-        for i, piece in enumerate(pieces):  # odd pieces are added tokens
-            if i % 2:
-                ids.append(self.added[piece])
-            elif piece:
-                ranks = encode_ordinary(piece)
-                ids += ranks if self.to_id is None else [self.to_id[r] if r < len(self.to_id) else r for r in ranks]
-        return ids
-
-    def decode(self, ids, decode_bytes):
-        out, run = [], []
-        for i in ids + [None]:
-            if i is None or i in self.names:  # an added, special or new token ends a run of BPE ids
-                out.append(decode_bytes([self.from_id.get(j, j) if self.from_id else j for j in run])
-                           .decode("utf-8", errors="replace"))
-                run = []
-                if i is not None:
-                    out.append(self.names[i])
-            else:
-                run.append(i)
-        return "".join(out)
-
-
-def byte_level_alphabet():
-    """GPT-2's map from bytes to the printable characters byte-level BPE files store tokens in
-    (printable Latin-1 bytes stand for themselves; the rest are shifted to 256 + n)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b], n = chr(256 + n), n + 1
-    return {c: b for b, c in chars.items()}
-
-
-def hf_bpe_tokenizer(path, lm_vocab_size=None, new_tokens=(IMAGE, EOC)):
-    """A Hugging Face byte-level BPE tokenizer.json (GPT-NeoX, GPT-2, Llama-3, Qwen2, SmolLM2) -> Tokenizer
-    on a tiktoken Encoding, giving the ids the `tokenizers` library gives (tests/test_tokenizer.py)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
-    with open(path, "rb") as f:
+    def __init__(self, path, lm_vocab_size=None, new_tokens=(IMAGE, EOC)):
+        from tokenizers import Tokenizer as Library
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
         try:
-            spec = files.loads(f.read().decode("utf-8"))
-        except ValueError as e:  # not UTF-8, not JSON, nested too deep
-            raise ValueError(f"{path} is not a tokenizer.json ({str(e).splitlines()[0]})") from None
-    model, pre, norm = spec["model"], spec.get("pre_tokenizer") or {}, spec.get("normalizer")
-    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
-        raise NotImplementedError(f"{path}: only byte-level BPE tokenizers are supported")
-    if norm is not None and norm.get("type") != "NFC":
-        raise NotImplementedError(f"{path}: normalizer {norm.get('type')!r} (only NFC or none)")
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [p.get("type") for p in steps]
-    if kinds == ["ByteLevel"] and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
-        pattern = GPT2_SPLIT
-    elif kinds == ["Split", "ByteLevel"] and "Regex" in steps[0]["pattern"] and not steps[1].get("use_regex") \
-            and steps[0].get("behavior") == "Isolated" and not steps[1].get("add_prefix_space"):
-        pattern = steps[0]["pattern"]["Regex"]  # Llama-3, Qwen2: their own split, then bytes
-    else:
-        raise NotImplementedError(f"{path}: pre-tokenizer {kinds} (ByteLevel, or Split + ByteLevel)")
-    to_byte = byte_level_alphabet()
-    as_bytes = lambda tok: bytes(to_byte[c] for c in tok)  # noqa: E731
-    vocab = {as_bytes(t): i for t, i in model["vocab"].items()}
-    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
-    merged = [as_bytes(a) + as_bytes(b) for a, b in merges]
-    # every token BPE can produce: the 256 bytes, then each merge's result, in merge order (first time made)
-    order = [bytes([b]) for b in range(256)]
-    order += list(dict.fromkeys(t for t in merged if len(t) > 1))
-    ids = [vocab[t] for t in order]
-    if all(a < b for a, b in zip(ids[256:], ids[257:])) and max(ids[:256]) < min(ids[256:], default=1 << 30):
-        ranks, to_id = {t: vocab[t] for t in order}, None  # the file's ids already follow the merges
-    else:
-        ranks, to_id = {t: r for r, t in enumerate(order)}, ids
-    added, special = {}, {}
-    for a in spec.get("added_tokens", []):
-        if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
-            raise NotImplementedError(f"{path}: added token {a['content']!r} with lstrip/rstrip/single_word")
-        (special if a.get("special") else added)[a["content"]] = a["id"]
-    # the special tokens keep their own ids; <|endoftext|> (or the first special) is the end-of-text token
-    eot = special.get(EOT, next(iter(special.values()), None))
-    n = max([*vocab.values(), *added.values(), *special.values()]) + 1
-    base = tiktoken.Encoding(name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "hf", pat_str=pattern,
-                             mergeable_ranks=ranks, special_tokens={EOT: eot if to_id is None else len(order)})
-    hf = HFExtras(norm is not None, added, special, to_id)
-    made = set(order)  # entries of the vocabulary that no merge makes: never encoded, decoded as their own text
-    hf.names.update({i: t.decode("utf-8", errors="replace") for t, i in vocab.items() if t not in made})
-    tok = Tokenizer(path, base, n if lm_vocab_size is None else lm_vocab_size, new_tokens, hf)
-    tok.eot_id, tok.base_n_vocab = eot, n
-    hf.names.update({tok.n_vocab - len(new_tokens) + i: t for i, t in enumerate(new_tokens)})
-    return tok
+            self.lib = Library.from_file(path)
+        except Exception as e:  # not a file, not JSON, a model the library does not know: its message, one line
+            raise ValueError(f"{path} is not a tokenizer.json the `tokenizers` library reads "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        self.lib.encode_special_tokens = True
+        vocab = self.lib.get_vocab(with_added_tokens=True)  # {token: id}
+        n = max(vocab.values()) + 1
+        special = [t.content for t in self.lib.get_added_tokens_decoder().values() if t.special]
+        # the end of a text: GPT-NeoX's and GPT-2's <|endoftext|>, LLaMA's </s>, else the first special token
+        eot = next((vocab[t] for t in (EOT, "</s>") if t in vocab), vocab[special[0]] if special else None)
+        super().__init__(path, n, eot, lm_vocab_size, new_tokens)
+
+    def encode(self, text):
+        """Plain text -> ids, as the library encodes it; special-token strings stay text."""
+        return self.lib.encode(text, add_special_tokens=False).ids
+
+    def decode_base(self, ids):
+        return self.lib.decode(ids, skip_special_tokens=False)
 
 
 # -----------------------------------------------------------------------------
@@ -310,7 +249,7 @@ def get_tokenizer(name="bytes", lm_vocab_size=None, new_tokens=(IMAGE, EOC)):
     elif name == "gpt2":
         base = gpt2_encoding()
     elif os.path.exists(name):
-        return hf_bpe_tokenizer(name, lm_vocab_size, new_tokens)
+        return HFTokenizer(name, lm_vocab_size, new_tokens)
     else:
         raise ValueError(f"unknown tokenizer {name!r}; known: 'bytes', 'shapes', 'gpt2', or a tokenizer.json path")
-    return Tokenizer(name, base, lm_vocab_size, new_tokens)
+    return TiktokenTokenizer(name, base, lm_vocab_size, new_tokens)
