@@ -6,6 +6,7 @@ Speed, measured side by side with OpenFlamingo 2.0.1's own code on the same weig
     python bench.py --what=generate,data     # some of: train, generate, eval, data (default: all four)
     python bench.py --what=features          # ours alone: training on cached tower features against pixels
     python bench.py --what=head              # ours alone: four ways to compute the loss over the two heads
+    python bench.py --what=chat              # ours alone: a chat's turn 5 with its cache against all 5 turns again
     python bench.py --device=cuda            # ours alone on a GPU: bench_gpu.py (bf16, compile, MFU)
 
 OpenFlamingo's code is the test-only requirement (pip install --no-deps -r requirements-reference.txt).
@@ -47,7 +48,7 @@ from shards import pack
 from tokenizer import CAPTION, EOC
 
 # -----------------------------------------------------------------------------
-what = "train,generate,eval,data"  # or features, head (ours alone); --device=cuda runs bench_gpu.py instead
+what = "train,generate,eval,data"  # or features, head, chat (ours alone); --device=cuda runs bench_gpu.py instead
 size = "small"                     # small: GPT-2-small scale; tiny: the tests' sizes
 repeats = 5                        # timed pairs per measurement of train and data, after a warm-up
 slow_repeats = 2                   # ... of generate and eval (OpenFlamingo's batch of 8 takes minutes)
@@ -357,6 +358,47 @@ def bench_head(K=400, B=4, T=128, C=768, V=50277, n=3):
 
 
 # -----------------------------------------------------------------------------
+# chat (ours alone): a conversation's turn with the keys and values of the turns before it, against all of it again
+
+
+def bench_chat(turns=5, max_new=10):
+    """GPT-2-small scale (12 x 768, vocabulary 50,257) and CLIP ViT-B/32 at 224 px, random weights, gates open; each
+    turn an image and a question (the bytes tokenizer: about 50 tokens a message), answers of max_new tokens. The
+    last turn through chat.Conversation (its cache) against generate over the whole conversation, alternating."""
+    from chat import Conversation
+    from lm import LMConfig
+    from model import Flamingo, FlamingoConfig
+    from tokenizer import get_tokenizer
+    torch.manual_seed(0)
+    cfg = FlamingoConfig(clip="ViT-B-32", cross_attn_every_n_layers=4, resampler_depth=2)
+    model = Flamingo.from_config(cfg, LMConfig(arch="gpt2", vocab_size=50257, n_layer=12, n_head=12, n_embd=768,
+                                               block_size=1024)).eval()
+    with torch.no_grad():
+        for blk in model.xattn.values():
+            blk.attn_gate.fill_(0.5), blk.ff_gate.fill_(0.5)
+    tok = get_tokenizer("bytes", lm_vocab_size=50257)
+    g = torch.Generator().manual_seed(0)
+    x = [torch.rand(1, 1, 3, 224, 224, generator=g) for _ in range(turns)]
+    texts = [f"what color is the {w} in this picture?" for w in ("car", "house", "dog", "sky", "boat")][:turns]
+    times = {"cached": [], "again": []}
+    with torch.no_grad():
+        for _ in range(repeats):
+            conv = Conversation(model, tok, limit=1024)
+            for t in range(turns - 1):
+                conv.say(texts[t], x[t], max_new)
+            history = [i for _, ids, _ in conv.turns for i in ids] + conv.pending + conv.message_ids(texts[-1], 1)
+            dt, _ = timed(lambda: conv.say(texts[-1], x[-1], max_new))
+            times["cached"].append(dt)
+            dt, again = timed(lambda: model.generate(torch.cat(x), [history], max_new, temperature=0)[0])
+            times["again"].append(dt)
+            assert again == conv.answer_ids, "the cached turn and the whole conversation disagree"
+    rec = {k: statistics.median(v) for k, v in times.items()}
+    print(f"chat, turn {turns} ({len(history)} tokens, {turns} images so far, {max_new} new tokens): with the cache "
+          f"{rec['cached']:.2f} s, the whole conversation again {rec['again']:.2f} s ({rec['again'] / rec['cached']:.1f}x)")
+    return [dict(label="chat", turns=turns, tokens=len(history), max_new=max_new, times=times, **rec)]
+
+
+# -----------------------------------------------------------------------------
 
 
 def main():
@@ -364,14 +406,15 @@ def main():
     configure(globals())
     parts = [p for p in what.split(",") if p]
     check(globals(), at_least=dict(repeats=1, slow_repeats=1, threads=1), choices=dict(size=("small", "tiny")))
-    unknown = set(parts) - {"train", "generate", "eval", "data", "features", "head"}
+    unknown = set(parts) - {"train", "generate", "eval", "data", "features", "head", "chat"}
     if unknown:
-        raise SystemExit(f"error: --what: unknown {sorted(unknown)}; known: train, generate, eval, data, features, head")
+        raise SystemExit(f"error: --what: unknown {sorted(unknown)}; known: train, generate, eval, data, features, "
+                         "head, chat")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     results = dict(size=size, threads=threads, repeats=repeats, slow_repeats=slow_repeats, torch=torch.__version__,
                    parts={})
-    for part in ("features", "head"):  # ours alone
+    for part in ("features", "head", "chat"):  # ours alone
         if part in parts:
             results["parts"][part] = globals()[f"bench_{part}"]()
     parts = [p for p in ("generate", "eval", "train", "data") if p in parts]  # training last: it moves the weights

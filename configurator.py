@@ -10,7 +10,7 @@ override `--key=value` / `--key value`. Values are Python literals (`3`, `1e-3`,
 
 Fixed warts of the original: unknown keys are errors that list the known ones; a value must have its
 default's type (an int is fine for a float), except where the default is None; booleans are strict
-(True/False/true/false, nothing else); `--key=a=b` splits on the first `=` only.
+(True/False/true/false, nothing else; a bare `--flag` is True); `--key=a=b` splits on the first `=` only.
 """
 
 import ast
@@ -103,6 +103,8 @@ def apply(config, argv):
             i += 1
             continue
         key, eq, raw = arg[2:].partition("=")  # the first "=" only
+        if not eq and isinstance(config.get(key), bool) and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+            eq, raw = "=", "True"  # --flag
         if not eq:  # --key value
             if i + 1 >= len(argv):
                 raise ValueError(f"{arg} has no value")

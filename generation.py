@@ -89,6 +89,20 @@ class Stepper:
             self.images = expand_media(self.images, self.seen, self.model.media_token_id, n)
         self._select(rows)
 
+    def add_media(self, images):
+        """Media items (k, F, 3, H, W) for `<image>` tokens fed after this, in their order: a conversation's new
+        images (one row). Their keys and values join those computed so far; nothing already fed is recomputed (a
+        token sees only the last image before it, so the new items change no earlier token)."""
+        if self.seen.shape[0] != 1:
+            raise ValueError("add_media: one row only (a conversation)")
+        if not self.use_cache:
+            self.images = images if self.images is None else torch.cat([self.images, images])
+            return
+        marks = torch.full((1, len(images)), self.model.media_token_id, device=self.seen.device)
+        new = self.model.media_kvs(self.model.encode_media(images, marks))  # {layer: (k, v)}, (1, h, k*R, dh) each
+        self.kvs = {i: (torch.cat([self.kvs[i][0], k], dim=2), torch.cat([self.kvs[i][1], v], dim=2))
+                    if i in self.kvs else (k, v) for i, (k, v) in new.items()}
+
     def keep(self, rows):
         """Continue from these rows (rows,) of the batch: beam search's surviving beams. The media are the same
         for all beams of a prompt, and beams never move to another prompt's rows, so they stay as they are."""

@@ -10,6 +10,10 @@ Few-shot prompts are written inline: one `--image` per `<image>` in the prompt, 
         --prompt "<image>Output:red<|endofchunk|><image>Output:blue<|endofchunk|><image>Output:"
 
 The continuation is printed as it is generated; the last line of output is the continuation.
+
+A conversation, images added by a line `/image PATH` (chat.py has the format):
+
+    python sample.py --chat
 """
 
 import os
@@ -27,6 +31,7 @@ temperature = 0.0             # 0 = greedy
 top_k = None
 top_p = None
 num_beams = 1
+chat = False                  # a conversation in the terminal (chat.py) instead of one continuation
 seed = 1337
 device = "cpu"
 # --image may repeat, so it is taken out of the arguments before the configurator sees them
@@ -60,17 +65,19 @@ ckpt = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) or not ini
 if not openflamingo and not os.path.exists(ckpt):
     fail(f"no checkpoint at {ckpt}. Train one first:  python train.py config/train_shapes.py"
          + ("" if init_from == "out-shapes" else f" --out_dir={os.path.dirname(ckpt) or '.'}"))
-if not image:
+if chat and (image or prompt or num_beams > 1):
+    fail("--chat takes its images and messages as you type them (/image PATH), and no beams")
+if not image and not chat:
     fail("give an image: python sample.py --image cat.jpg")
 
 from PIL import Image  # noqa: E402
 
 # every argument is checked before the slow imports and the model load
-if not prompt:
+if not prompt and not chat:
     if len(image) > 1:
         fail(f"{len(image)} images: write a --prompt with one <image> for each")
     prompt = "<image>Output:"  # OpenFlamingo's captioning prompt
-if prompt.count("<image>") != len(image):
+if not chat and prompt.count("<image>") != len(image):
     fail(f"the prompt has {prompt.count('<image>')} <image> markers but {len(image)} images were given")
 pil_images = []
 for path in image:
@@ -94,11 +101,29 @@ except LOAD_ERRORS as e:  # offline, a missing or bad file: say what to do
     fail(message(e))
 model.eval().to(device)
 tok = get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
+limit = model.lm.config.max_context  # GPT-2's learned positions, MPT's max_seq_len; None: no hard end
+from contextlib import nullcontext  # noqa: E402
+device_type = "cuda" if "cuda" in device else "cpu"
+amp = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
+
+if chat:
+    import chat as conversation
+
+    def preprocess(path):
+        """An image file -> (3, H, W) pixels as the tower takes them; ValueError with the reason."""
+        try:
+            with Image.open(path) as im:
+                return model.vision.preprocess(im.convert("RGB"))
+        except Exception as e:  # missing, not an image, truncated, a decompression bomb
+            raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+    with torch.no_grad(), amp:
+        conversation.run(model, tok, preprocess, limit, max_new_tokens, temperature, top_k, top_p)
+    sys.exit(0)
 
 # images: CLIP's evaluation preprocessing (resize the short side, centre crop, normalise)
 images = torch.stack([model.vision.preprocess(im) for im in pil_images])[:, None].to(device)  # (N, 1, 3, H, W)
 idx = torch.tensor([tok.encode_markup(prompt)], device=device)  # (1, T)
-limit = model.lm.config.max_context  # GPT-2's learned positions, MPT's max_seq_len; None: no hard end
 if limit and idx.shape[1] >= limit:
     fail(f"the prompt is {idx.shape[1]} tokens; this LM reads at most {limit}")
 if limit:
@@ -117,9 +142,7 @@ def stream(token):
         printed = text
 
 
-from contextlib import nullcontext  # noqa: E402
-device_type = "cuda" if "cuda" in device else "cpu"
-with nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype)):
+with amp:
     out = model.generate(images, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          num_beams=num_beams, on_token=stream if num_beams == 1 else None)
 continuation = out[0, idx.shape[1]:].tolist()

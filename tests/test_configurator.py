@@ -59,6 +59,17 @@ def test_strict_bools_refuse(raw):
         configure(defaults(), [f"--compile={raw}"])
 
 
+def test_a_bare_bool_flag_is_true():
+    cfg = defaults()
+    configure(cfg, ["--compile", "--batch_size=8"])
+    assert cfg["compile"] is True and cfg["batch_size"] == 8
+    cfg = defaults()
+    configure(cfg, ["--batch_size=8", "--compile"])
+    assert cfg["compile"] is True
+    with pytest.raises(ValueError, match="has no value"):  # only booleans may stand alone
+        configure(defaults(), ["--batch_size"])
+
+
 def test_int_for_a_float_key_becomes_float():
     cfg = defaults()
     configure(cfg, ["--learning_rate=1"])
