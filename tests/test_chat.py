@@ -10,12 +10,27 @@ import sys
 import pytest
 import torch
 
+import test_batched_generation
 from chat import Conversation
-from test_batched_generation import IMG, models, one_thread  # noqa: F401  (pytest fixtures)
+from test_batched_generation import IMG
 from tokenizer import get_tokenizer
 
 TOK = get_tokenizer("bytes", lm_vocab_size=IMG)  # <image> = 300, <|endofchunk|> = 301, as the tiny models have them
 TURNS = [("red?", 2), ("why", 0), ("", 1), ("one?", 1)]  # short: 4 turns in the tiny LMs' 128 positions
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """test_batched_generation's tiny models, one per LM family, gates open."""
+    return test_batched_generation.models.__wrapped__()
 
 
 def images(n, seed):
