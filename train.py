@@ -28,6 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import files
 import folders
+import idefics
+import memory
 from lm import LM
 from model import Flamingo, FlamingoConfig, load_model
 from pretrain_shapes import lm_config as pretrain_shapes_lm_config, pretrain
@@ -43,7 +45,8 @@ log_interval = 10
 eval_iters = 10               # validation batches per evaluation
 always_save_checkpoint = True  # at every eval, else only when the validation loss improves
 init_from = "scratch"         # "scratch" builds from lm/clip; "resume" continues out_dir/ckpt.pt; else fine-tune from an
-                              # out_dir of train.py, or OpenFlamingo's "openflamingo/<name>" or checkpoint.pt (and lm)
+                              # out_dir of train.py, OpenFlamingo's "openflamingo/<name>" or checkpoint.pt (and lm),
+                              # or an IDEFICS ("HuggingFaceM4/idefics-9b-instruct" or its folder)
 wandb_log = False
 wandb_project = "flamingo"
 wandb_run_name = "run"
@@ -123,8 +126,8 @@ min_lr = learning_rate / 10 if min_lr is None else min_lr
 if pretrain_shapes:  # the shapes world's stand-ins for a pretrained LM and CLIP live in the run's out_dir
     lm = config["lm"] = lm or os.path.join(out_dir, "pretrained", "lm")
     clip_pretrained = config["clip_pretrained"] = clip_pretrained or os.path.join(out_dir, "pretrained", "vision.safetensors")
-flamingo_options = {f: globals()[f] for f in FlamingoConfig.__dataclass_fields__  # the model keys above
-                    if f not in ("lm", "clip", "clip_pretrained", "new_tokens", "openflamingo")}
+flamingo_options = {f: globals()[f] for f in FlamingoConfig.__dataclass_fields__  # the model keys above (the rest,
+                    if f in config and f not in ("lm", "clip", "clip_pretrained", "new_tokens")}  # IDEFICS's: defaults)
 finetune = init_from not in ("scratch", "resume")
 listed = lambda v, cast: [cast(x) for x in (  # noqa: E731  "a,b" (command line), a tuple (config file) or one value
     v.split(",") if isinstance(v, str) else v if isinstance(v, (list, tuple)) else [v])]
@@ -156,8 +159,8 @@ if dry_run:
                                                     **flamingo_options), lm_config, verbose=True)
     trained, frozen = model.parameter_counts()["total"]
     ws, rows = dry_run_world_size if fsdp else 1, max(sizes)  # a mix runs its sources in turn: the largest counts
-    weights_gb, acts_gb = model.memory_estimate(rows * block_size, 4 if dtype == "float32" else 2, ws,
-                                                activation_checkpointing)
+    weights_gb, acts_gb = memory.estimate(model, rows * block_size, 4 if dtype == "float32" else 2, ws,
+                                          activation_checkpointing)
     mem = weights_gb + acts_gb
     print(f"memory per GPU ({f'FSDP over {ws}' if fsdp else 'DDP'}, {dtype}, batch {rows} x {block_size} "
           f"tokens{', activation checkpointing' if activation_checkpointing else ''}): "
@@ -217,9 +220,9 @@ try:  # a file that cannot be read, another config's checkpoint, an LM that cann
         tokenizer = config["tokenizer"] = checkpoint["config"]["tokenizer"]
     elif finetune:  # the model and its tokenizer as the checkpoint has them: this config's model keys do not apply
         from_ours = os.path.isfile(os.path.join(init_from, "ckpt.pt")) or os.path.basename(init_from) == "ckpt.pt"
-        if not from_ours and not lm and not init_from.startswith("openflamingo/"):
-            sys.exit(f"error: init_from={init_from!r}: not an out_dir of train.py (no ckpt.pt); an OpenFlamingo "
-                     "checkpoint.pt also needs lm=<its LM's directory>")
+        if not from_ours and not lm and not init_from.startswith("openflamingo/") and not idefics.is_idefics(init_from):
+            sys.exit(f"error: init_from={init_from!r}: not an out_dir of train.py (no ckpt.pt) nor an IDEFICS model; an "
+                     "OpenFlamingo checkpoint.pt also needs lm=<its LM's directory>")
         model, tokenizer = load_model(init_from, "" if from_ours else lm, clip, clip_pretrained, lm_dtype, master)
         model.unfreeze_lm_layers(train_lm_layers, train_lm_embeddings)
         config["tokenizer"] = tokenizer
@@ -373,8 +376,10 @@ def get_lr(it):
 
 
 def gates():
-    """tanh of every gate: how open each GATED XATTN-DENSE block is (0 = the bare LM). FSDP: every process calls it."""
-    return {f"{i}.{g}": round(math.tanh(whole({g: getattr(blk, g)})[g].item()), 4)
+    """tanh of every gate: how open each GATED XATTN-DENSE block is (0 = the bare LM); a gate per channel (IDEFICS's
+    vector gates): the mean of |tanh| over them. FSDP: every process calls it."""
+    opening = lambda t: t.tanh().item() if t.numel() == 1 else t.tanh().abs().mean().item()  # noqa: E731
+    return {f"{i}.{g}": round(opening(whole({g: getattr(blk, g)})[g]), 4)
             for i, blk in raw_model.xattn.items() for g in ("attn_gate", "ff_gate")}
 
 
