@@ -138,8 +138,10 @@ class Stepper:
 
 
 def no_image(logits, model):
-    """No image could follow a generated <image>: generation never chooses it."""
+    """No image could follow a generated <image>: generation never chooses it (nor IDEFICS's token around one)."""
     logits[:, model.media_token_id] = -float("inf")
+    if "<fake_token_around_image>" in model.config.new_tokens:
+        logits[:, model.lm.config.vocab_size + model.config.new_tokens.index("<fake_token_around_image>")] = -float("inf")
     return logits
 
 

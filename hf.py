@@ -25,14 +25,20 @@ import files
 
 
 def resolve_checkpoint_dir(path_or_hub_id):
-    """A local directory as it is; otherwise a hub id, downloaded once (config + weights only)."""
+    """A local directory as it is; otherwise a hub id, downloaded once (config, tokenizer and weights only: the
+    safetensors where the repository has both kinds, as IDEFICS's and many others do)."""
     if os.path.isdir(path_or_hub_id):
         return path_or_hub_id
     if os.path.exists(path_or_hub_id) or path_or_hub_id.startswith((".", "/")) or path_or_hub_id.count("/") > 1:
         raise FileNotFoundError(f"{path_or_hub_id!r} is not a checkpoint directory")
     try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model"])
+        from huggingface_hub import list_repo_files, snapshot_download
+        try:
+            safetensors = any(f.endswith(".safetensors") for f in list_repo_files(path_or_hub_id))
+        except Exception:  # offline: what the cache holds
+            safetensors = None
+        weights = ["*.safetensors"] if safetensors else ["*.bin"] if safetensors is False else ["*.safetensors", "*.bin"]
+        return snapshot_download(path_or_hub_id, allow_patterns=["*.json", "*.model", *weights])
     except Exception as e:
         raise RuntimeError(
             f"could not find {path_or_hub_id!r} locally nor download it from the Hugging Face hub ({type(e).__name__}: {e}). "

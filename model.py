@@ -5,8 +5,8 @@ inserted between the LM's layers.
 
 Read top to bottom: the config; building and freezing; one forward pass (images -> visual tokens -> keys and
 values per gated block -> the LM's layers with the blocks between them -> logits); generation (generation.py does
-the work); the ways to build one (from a pretrained LM and CLIP, from OpenFlamingo's released checkpoints, at random
-for a dry run); this project's checkpoints; the memory a training run needs.
+the work); the ways to build one (from a pretrained LM and CLIP, from OpenFlamingo's and IDEFICS's released models,
+at random for a dry run); this project's checkpoints (memory.py estimates what a training run needs).
 
 Shapes: B batch rows, T tokens, C LM width, N media items in the batch, F frames per item, S patches per frame,
 D vision width, R visual tokens per item (the resampler's latents), M the most media items any one row holds,
@@ -24,6 +24,7 @@ import torch.utils.checkpoint
 import files
 import generation
 import hf
+import idefics
 from lm import LM, LMConfig, row_positions
 from resampler import PerceiverResampler
 from vision import VisionEncoder
@@ -37,6 +38,7 @@ class FlamingoConfig:
     clip_pretrained: str | None = None    # open_clip tag or local weights file
     cross_attn_every_n_layers: int = 1    # a GATED XATTN-DENSE block before layer i when (i + 1) % n == 0
     cross_attn_from_layer: int = 0        # ... and i >= this (1: the LM's first layer reads its own embeddings)
+    xattn_at: str = "end"                 # "start": before layers i % n == 0 instead: 0, n, 2n, ... (IDEFICS)
     resampler_depth: int = 6
     resampler_heads: int = 8
     resampler_dim_head: int = 64
@@ -45,8 +47,18 @@ class FlamingoConfig:
     xattn_heads: int = 8
     xattn_dim_head: int = 64
     xattn_ff_mult: int = 4
+    # IDEFICS's gated blocks (xattn.py): "rmsnorm"; "swiglu" of xattn_ff_inner; q/k RMSNorms; "vector" gates
+    xattn_norm: str = "layernorm"
+    xattn_ff: str = "gelu"
+    xattn_ff_inner: int | None = None
+    xattn_qk_norm: bool = False
+    xattn_gate: str = "scalar"
+    xattn_eps: float = 1e-5
+    resampler_ff_act: str = "gelu"        # IDEFICS's resampler (resampler.py): "relu", and q/k LayerNorms
+    resampler_qk_norm: bool = False
     only_attend_immediate_media: bool = True  # False: a token sees all images at or before it
     vision_ln_post: bool = True
+    vision_class_token: bool = False      # the resampler reads the tower's class token too (IDEFICS)
     vision_stage: int | None = None       # ResNet towers: the stage whose feature map is the grid (None = last)
     freeze_lm: bool = True
     freeze_vision: bool = True
@@ -54,9 +66,16 @@ class FlamingoConfig:
     train_lm_embeddings: bool = False     # the LM's whole input table trained too, as OpenFlamingo does (config/9b.py)
     new_tokens: tuple = ("<image>", "<|endofchunk|>")  # rows after the LM's vocabulary, in this order
     openflamingo: str | None = None       # an OpenFlamingo checkpoint.pt this model was built from (its LM rows)
+    idefics: str | None = None            # an IDEFICS folder or hub id this model was built from (idefics.py)
+    stop_token_id: int | None = None      # ends a chunk where <|endofchunk|> is not a new token (IDEFICS's)
 
     def __post_init__(self):
         self.new_tokens = tuple(self.new_tokens)  # hashable, whatever the saved form
+        for key, kinds in (("xattn_at", ("end", "start")), ("xattn_norm", ("layernorm", "rmsnorm")),
+                           ("xattn_ff", ("gelu", "swiglu")), ("xattn_gate", ("scalar", "vector")),
+                           ("resampler_ff_act", ("gelu", "relu"))):
+            if getattr(self, key) not in kinds:
+                raise ValueError(f"{key}={getattr(self, key)!r}: one of {kinds}")
 
 
 class Flamingo(nn.Module):
@@ -68,22 +87,26 @@ class Flamingo(nn.Module):
         self.lm, self.vision = lm, vision
         C, D = lm.config.n_embd, vision.width
         self.perceiver = PerceiverResampler(D, cfg.resampler_depth, cfg.resampler_heads, cfg.resampler_dim_head,
-                                            cfg.num_latents, cfg.max_num_frames)
-        n = cfg.cross_attn_every_n_layers
+                                            cfg.num_latents, cfg.max_num_frames, ff_act=cfg.resampler_ff_act,
+                                            qk_norm=cfg.resampler_qk_norm)
+        n, first = cfg.cross_attn_every_n_layers, cfg.xattn_at == "start"
         self.xattn = nn.ModuleDict({
             str(i): GatedCrossAttentionBlock(C, D, cfg.xattn_heads, cfg.xattn_dim_head, cfg.xattn_ff_mult,
-                                             cfg.only_attend_immediate_media)
-            for i in range(lm.config.n_layer) if (i + 1) % n == 0 and i >= cfg.cross_attn_from_layer
+                                             cfg.only_attend_immediate_media, cfg.xattn_norm, cfg.xattn_ff,
+                                             cfg.xattn_ff_inner, cfg.xattn_qk_norm, cfg.xattn_gate, cfg.xattn_eps)
+            for i in range(lm.config.n_layer) if (i + (not first)) % n == 0 and i >= cfg.cross_attn_from_layer
         })
         if not self.xattn:
             raise ValueError(f"no layer of the {lm.config.n_layer}-layer LM gets a gated block "
                              f"(cross_attn_every_n_layers={n}, cross_attn_from_layer={cfg.cross_attn_from_layer})")
         # The new tokens get their own trained rows, appended after the LM's vocabulary, so that every
         # original LM weight stays bit-identical. They start at the mean of the existing rows. Ours are
-        # <image>, <|endofchunk|>; OpenFlamingo's <|endofchunk|>, <image>, <PAD> (from_openflamingo).
+        # <image>, <|endofchunk|>; OpenFlamingo's <|endofchunk|>, <image>, <PAD> (from_openflamingo); IDEFICS's
+        # <fake_token_around_image>, <image>, and the instruct models' <end_of_utterance> (from_idefics).
         V, n = lm.config.vocab_size, len(cfg.new_tokens)
         self.media_token_id = V + cfg.new_tokens.index("<image>")
-        self.eoc_token_id = V + cfg.new_tokens.index("<|endofchunk|>")
+        self.eoc_token_id = V + cfg.new_tokens.index("<|endofchunk|>") if "<|endofchunk|>" in cfg.new_tokens \
+            else cfg.stop_token_id
         wte, head = lm.transformer.wte.weight.detach(), lm.lm_head.weight.detach()
         self.new_wte = nn.Parameter(wte.float().mean(0).expand(n, -1).clone().to(wte.dtype))    # (n, C)
         self.new_lm_head = nn.Parameter(head.float().mean(0).expand(n, -1).clone().to(head.dtype))
@@ -101,9 +124,9 @@ class Flamingo(nn.Module):
             for part, name in [("vision", f"vision encoder {cfg.clip}"), ("lm", f"LM {cfg.lm}"),
                                ("perceiver", f"resampler ({cfg.resampler_depth} layers, {cfg.num_latents} latents)"),
                                ("xattn", f"gated xattn blocks ({len(self.xattn)} of {lm.config.n_layer} layers)"),
-                               ("new_tokens", "new token rows (<image>, <|endofchunk|>)"), ("total", "total")]:
+                               ("new_tokens", f"new token rows ({', '.join(cfg.new_tokens)})"), ("total", "total")]:
                 t, f = counts.get(part, (0, 0))
-                print(f"{name:<48}{t:>15,}{f:>15,}")
+                print(f"{name[:47]:<48}{t:>15,}{f:>15,}")
 
     def unfreeze_lm_layers(self, k, embeddings=False):
         """Train the LM's top k layers too (fine-tuning on a dataset of one's own), and with `embeddings` its whole
@@ -329,14 +352,14 @@ class Flamingo(nn.Module):
         cfg = FlamingoConfig(lm=lm, clip=clip, clip_pretrained=clip_pretrained,
                              cross_attn_every_n_layers=cross_attn_every_n_layers, **options)
         lm_model = LM.from_pretrained(lm, dtype=dtype)
-        vision = VisionEncoder(clip, clip_pretrained, ln_post=cfg.vision_ln_post, stage=cfg.vision_stage)
+        vision = VisionEncoder(clip, clip_pretrained, cfg.vision_ln_post, cfg.vision_stage, cfg.vision_class_token)
         return cls(lm_model, vision, cfg, verbose=verbose)
 
     @classmethod
     def from_config(cls, cfg: FlamingoConfig, lm_config: LMConfig, verbose=False):
         """A Flamingo of random weights: the LM lm_config and the tower cfg.clip, with no file read (not even
         cfg.clip_pretrained). Under `with torch.device("meta")` nothing is allocated either: train.py's dry run."""
-        vision = VisionEncoder(cfg.clip, None, ln_post=cfg.vision_ln_post, stage=cfg.vision_stage)
+        vision = VisionEncoder(cfg.clip, None, cfg.vision_ln_post, cfg.vision_stage, cfg.vision_class_token)
         return cls(LM(lm_config), vision, cfg, verbose=verbose)
 
     @classmethod
@@ -380,6 +403,19 @@ class Flamingo(nn.Module):
             raise KeyError(f"{path}: {e.args[0]} (xattn.{{i}}.X is {blocks}{{i}}.gated_cross_attn_layer.X)") from None
         return model
 
+    @classmethod
+    def from_idefics(cls, path_or_hub_id, dtype=None, verbose=True):
+        """A released IDEFICS model ("HuggingFaceM4/idefics-9b-instruct", ...) or any folder in the layout transformers'
+        IdeficsForVisionText2Text saves (config.json, safetensors): its LLaMA, its CLIP tower and its trained parts,
+        every tensor placed and its shape checked (idefics.py holds the key map and the options it sets)."""
+        lm_model, vision, options, trained = idefics.read(path_or_hub_id, dtype)
+        model = cls(lm_model, vision, FlamingoConfig(**options), verbose=verbose)
+        if lm_model.config.tie_word_embeddings:  # IDEFICS ties the new rows of its head to those of its table too
+            model.new_lm_head = model.new_wte
+            trained.pop("new_lm_head", None)
+        model.load_trained(trained)
+        return model
+
     # -------------------------------------------------------------------------
     # Checkpoints: the trained parts, plus the config that rebuilds the rest
 
@@ -391,8 +427,8 @@ class Flamingo(nn.Module):
         rename, so a run killed mid-write leaves the previous checkpoint whole. trained / vision: those state
         dicts as given (train.py gathers them whole from FSDP's shards first), else this model's own."""
         ckpt = {"flamingo_config": asdict(self.config), "model": trained or self.trained_state_dict(), **extra}
-        if self.config.clip_pretrained is None and self.config.freeze_vision:
-            # a randomly initialised tower cannot be rebuilt from its name alone: keep its weights
+        if self.config.clip_pretrained is None and self.config.freeze_vision and not self.config.idefics:
+            # a randomly initialised tower cannot be rebuilt from its name alone (IDEFICS's comes from its folder)
             ckpt["vision"] = vision or {k: v.detach() for k, v in self.vision.state_dict().items()}
         files.atomic_save(ckpt, path)
 
@@ -411,12 +447,13 @@ class Flamingo(nn.Module):
             raise files.FileError(f"{path} was saved with model keys this code does not know: {unknown[:5]}")
         cfg = dict(ckpt["flamingo_config"])
         base = os.path.dirname(os.path.abspath(path))
-        for key in ("lm", "clip_pretrained", "openflamingo"):  # paths saved relative to the checkpoint travel with it
+        for key in ("lm", "clip_pretrained", "openflamingo", "idefics"):  # paths saved relative to the checkpoint travel with it
             if cfg.get(key) and not os.path.isabs(cfg[key]) and os.path.exists(os.path.join(base, cfg[key])):
                 cfg[key] = os.path.join(base, cfg[key])
-        if cfg.get("openflamingo"):  # built on an OpenFlamingo model: its LM rows come from its checkpoint
-            model = cls.from_openflamingo(cfg["openflamingo"], cfg["lm"], cfg["clip"], cfg["clip_pretrained"],
-                                          dtype=dtype, verbose=verbose)
+        if cfg.get("openflamingo") or cfg.get("idefics"):  # built on a released model: its tensors come from it
+            model = cls.from_idefics(cfg["idefics"], dtype, verbose) if cfg.get("idefics") else \
+                cls.from_openflamingo(cfg["openflamingo"], cfg["lm"], cfg["clip"], cfg["clip_pretrained"], dtype=dtype,
+                                      verbose=verbose)
             model.unfreeze_lm_layers(cfg.get("train_lm_layers", 0), cfg.get("train_lm_embeddings", False))
         else:
             model = cls.from_pretrained(verbose=verbose, dtype=dtype, **cfg)
@@ -441,29 +478,6 @@ class Flamingo(nn.Module):
             for k, v in sd.items():
                 params[k].copy_(v)
 
-    # -------------------------------------------------------------------------
-    # Memory
-
-    def memory_estimate(self, batch_tokens, value_bytes, shards=1, activation_checkpointing=False):
-        """A rough estimate of a training run's memory per GPU, in GB (1e9 bytes): (weights, activations).
-
-        Weights: the frozen ones at value_bytes each (2 for bf16, 4 for fp32: the LM is read in the autocast dtype;
-        the vision tower stays fp32, counted at value_bytes too), the trained ones 16 bytes each (fp32 weight,
-        gradient and AdamW's 2 tensors); FSDP splits all of them over `shards` processes, DDP keeps a whole copy on
-        each (its gradient buckets not counted). Activations kept for the backward pass, in the autocast dtype, for
-        batch_tokens tokens of width C: about 16 values per token and unit of width in each LM layer and each gated
-        block (Korthikanti et al. 2022, "Reducing Activation Recomputation", without dropout and with fused
-        attention: no T x T matrix); with activation checkpointing only each layer's input (1 value) plus one LM
-        layer and gated block recomputed (32); plus the logits, batch_tokens x (V + n), in fp32 for the loss and its
-        gradient (8 bytes). Left out: the resampler's activations (small next to the LM's at a few images per row),
-        the frozen vision encoder (no gradients), CUDA's own overhead."""
-        trained, frozen = self.parameter_counts()["total"]
-        C, L, V = self.lm.config.n_embd, self.lm.config.n_layer, self.lm.config.vocab_size
-        weights = (frozen * value_bytes + trained * 16) / shards / 1e9
-        values = L + 32 if activation_checkpointing else 16 * (L + len(self.xattn))  # (BT, C) values per token
-        activations = (values * batch_tokens * C * value_bytes + batch_tokens * (V + len(self.new_wte)) * 8) / 1e9
-        return weights, activations
-
 
 def load_model(init_from, lm="", clip="ViT-L-14", clip_pretrained="openai", dtype=None, verbose=False):
     """What sample.py and eval.py load: (model, the name get_tokenizer takes). init_from is an out_dir of train.py
@@ -471,6 +485,8 @@ def load_model(init_from, lm="", clip="ViT-L-14", clip_pretrained="openai", dtyp
     hf.OPENFLAMINGO) or a local checkpoint.pt with its LM's directory as `lm`; the tokenizer is that LM's
     tokenizer.json (GPT-NeoX's, for the MPT models). dtype: the frozen LM's ("bfloat16": run under autocast)."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if idefics.is_idefics(init_from):
+        return Flamingo.from_idefics(init_from, dtype, verbose), hf.resolve_checkpoint_dir(init_from)
     if init_from.startswith("openflamingo/") or lm:
         lm = lm or hf.OPENFLAMINGO.get(init_from)
         if not lm:

@@ -14,7 +14,8 @@ features *concatenated with the latents themselves*. The paper's pseudo-code, fo
     return x                               # (R, D)
 
 Module names follow OpenFlamingo's (`latents`, `layers.{i}.0.to_q`, ...; its open_flamingo/src/helpers.py) so
-that its checkpoints load with a short key map.
+that its checkpoints load with a short key map. IDEFICS's resampler (transformers' idefics/perceiver.py) is the same
+with two options: ff_act="relu" in its feed-forward, and qk_norm=True, a LayerNorm on each head's queries and keys.
 """
 
 import torch
@@ -22,12 +23,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def FeedForward(dim, mult=4):
-    """LayerNorm, Linear up, GELU, Linear down, no biases (indices 0, 1, 3 as in OpenFlamingo)."""
+def FeedForward(dim, mult=4, act="gelu"):
+    """LayerNorm, Linear up, GELU (or ReLU), Linear down, no biases (indices 0, 1, 3 as in OpenFlamingo)."""
     return nn.Sequential(
         nn.LayerNorm(dim),
         nn.Linear(dim, dim * mult, bias=False),
-        nn.GELU(),
+        nn.ReLU() if act == "relu" else nn.GELU(),
         nn.Linear(dim * mult, dim, bias=False),
     )
 
@@ -35,7 +36,7 @@ def FeedForward(dim, mult=4):
 class PerceiverAttention(nn.Module):
     """Latents attend to concat(features, latents). Separate pre-LayerNorms for the two inputs."""
 
-    def __init__(self, dim, heads=8, dim_head=64):
+    def __init__(self, dim, heads=8, dim_head=64, qk_norm=False):
         super().__init__()
         self.heads = heads
         inner = heads * dim_head
@@ -44,6 +45,9 @@ class PerceiverAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)  # keys, then values
         self.to_out = nn.Linear(inner, dim, bias=False)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm, self.k_norm = nn.LayerNorm(dim_head), nn.LayerNorm(dim_head)
 
     def forward(self, x, latents):
         # x: (N, L, D) media features, latents: (N, R, D)
@@ -53,19 +57,22 @@ class PerceiverAttention(nn.Module):
         q = self.to_q(latents)                                       # (N, R, inner)
         k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)  # (N, L + R, inner) each
         q, k, v = (t.view(N, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))  # (N, h, *, dh)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         out = F.scaled_dot_product_attention(q, k, v)               # (N, h, R, dh): no mask, all see all
         return self.to_out(out.transpose(1, 2).reshape(N, R, -1))  # (N, R, D)
 
 
 class PerceiverResampler(nn.Module):
-    def __init__(self, dim, depth=6, heads=8, dim_head=64, num_latents=64, max_num_frames=1, ff_mult=4):
+    def __init__(self, dim, depth=6, heads=8, dim_head=64, num_latents=64, max_num_frames=1, ff_mult=4, ff_act="gelu",
+                 qk_norm=False):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         # One learned vector per frame (the paper's time embeddings). OpenFlamingo's released models
         # have none (max_num_frames=0): then every item must be a single frame.
         self.frame_embs = nn.Parameter(torch.randn(max_num_frames, dim) * 0.02) if max_num_frames else None
         self.layers = nn.ModuleList([
-            nn.ModuleList([PerceiverAttention(dim, heads, dim_head), FeedForward(dim, ff_mult)])
+            nn.ModuleList([PerceiverAttention(dim, heads, dim_head, qk_norm), FeedForward(dim, ff_mult, ff_act)])
             for _ in range(depth)
         ])
         self.norm = nn.LayerNorm(dim)

@@ -22,13 +22,19 @@ class VisionEncoder(nn.Module):
 
     Two kinds of tower (Flamingo itself used a CNN, NFNet-F6, and fed its final grid to the resampler):
     - a ViT ("ViT-B-32", ...): the patch tokens of the last layer, class token dropped. `ln_post=False`
-      gives them before the tower's final LayerNorm, as OpenFlamingo's models saw them.
+      gives them before the tower's final LayerNorm, as OpenFlamingo's models saw them; `class_token=True` keeps
+      the class token first, as IDEFICS's resampler reads it (its vision.py: last_hidden_state, before post_layernorm).
     - a ModifiedResNet ("RN50", "shapes-rn", ...): the feature map after residual stage `stage` (1..4,
       None = 4, the last), flattened to tokens; the attention pool and any later stage are dropped.
-    `pretrained` is an open_clip tag ("openai", "laion2b_s34b_b79k", ...) or a local weights file.
+    `pretrained` is an open_clip tag ("openai", "laion2b_s34b_b79k", ...) or a local weights file. `overrides`
+    replace parts of the name's open_clip model config (its vision_cfg, quick_gelu: a tower of another project's
+    shape, whose weights are loaded afterwards; the text tower built beside it is a tiny one, dropped). resize_mode:
+    open_clip's ("squash": the whole image resized to the square, as IDEFICS's image processor does; None: the
+    shorter side resized, the centre cropped).
     """
 
-    def __init__(self, name, pretrained=None, ln_post=True, stage=None):
+    def __init__(self, name, pretrained=None, ln_post=True, stage=None, class_token=False, overrides=None,
+                 resize_mode=None):
         super().__init__()
         import logging
         import open_clip
@@ -37,7 +43,9 @@ class VisionEncoder(nn.Module):
         try:
             # open_clip moves the model to `device` at the end: under `with torch.device("meta")` that must be
             # meta too (a dry run: nothing allocated), where .to("cpu") would fail
-            clip = open_clip.create_model(name, pretrained=pretrained, device=torch.get_default_device())
+            tiny_text = dict(text_cfg=dict(context_length=2, vocab_size=2, width=8, heads=1, layers=1))
+            clip = open_clip.create_model(name, pretrained=pretrained, device=torch.get_default_device(),
+                                          **({**tiny_text, **overrides} if overrides else {}))
         except RuntimeError as e:
             raise RuntimeError(f"open_clip could not build {name!r} with weights {pretrained!r}: {e}\n"
                                "Offline? Pass a local weights file as clip_pretrained.") from None
@@ -47,6 +55,8 @@ class VisionEncoder(nn.Module):
             raise NotImplementedError(f"{name!r}: only open_clip VisionTransformer and ModifiedResNet towers "
                                       "are supported")
         if self.is_resnet:
+            if class_token:
+                raise ValueError(f"{name!r} is a ResNet tower: it has no class token")
             self.stage = 4 if stage is None else stage
             if self.stage not in (1, 2, 3, 4):
                 raise ValueError(f"vision stage must be 1..4 for a ResNet tower, got {stage}")
@@ -57,11 +67,13 @@ class VisionEncoder(nn.Module):
         else:
             if stage is not None:
                 raise ValueError(f"vision stage is for ResNet towers; {name!r} is a ViT")
+            self.class_token = class_token
             self.stage, self.width = None, self.visual.transformer.width
         self.name, self.pretrained, self.ln_post = name, pretrained, ln_post
         pp = self.visual.preprocess_cfg
         self.image_size, self.mean, self.std = pp["size"], tuple(pp["mean"]), tuple(pp["std"])
-        self.transform = open_clip.image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std)
+        self.transform = open_clip.image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std,
+                                                   resize_mode=resize_mode)
 
     def preprocess(self, image):
         """A PIL image -> (3, H, W) float pixels, by CLIP's evaluation preprocessing for this tower (open_clip's
@@ -69,7 +81,7 @@ class VisionEncoder(nn.Module):
         return self.transform(image.convert("RGB"))
 
     def forward(self, x):
-        """x (n, 3, H, W) preprocessed pixels -> (n, S, D) spatial tokens."""
+        """x (n, 3, H, W) preprocessed pixels -> (n, S, D) spatial tokens (1 + S with the class token)."""
         v = self.visual
         if self.is_resnet:
             x = v.stem(x)                               # (n, width, H/4, W/4)
@@ -79,4 +91,4 @@ class VisionEncoder(nn.Module):
         x = v.transformer(v._embeds(x))   # (n, 1 + S, D): class token first
         if self.ln_post:
             x = v.ln_post(x)
-        return x[:, 1:]                    # (n, S, D)
+        return x if self.class_token else x[:, 1:]  # (n, S, D)

@@ -4,8 +4,12 @@ Masked cross-attention from text to visual tokens, and the GATED XATTN-DENSE blo
     x = x + tanh(attn_gate) * xattn(q=LN(x), kv=visual)
     x = x + tanh(ff_gate)   * ffw(x)
 
-Both gates are single learned scalars that start at 0, so a fresh block is the identity and the
-frozen LM is exactly the pretrained LM at step 0.
+Both gates start at 0, so a fresh block is the identity and the frozen LM is exactly the pretrained LM at step 0.
+
+Flamingo's and OpenFlamingo's block: LayerNorms, a GELU feed-forward of ff_mult x C, one scalar per gate. IDEFICS
+(Laurencon et al. 2023; transformers' modeling_idefics.py, IdeficsGatedCrossAttentionLayer) builds the same block
+from its LM's parts, each a named option here: norm="rmsnorm", ff="swiglu" (the LLaMA MLP, ff_inner wide),
+qk_norm=True (an RMSNorm on each head's queries and keys), gate="vector" (one gate per channel, its alpha_type).
 
 Which image a text token sees (Flamingo, Figure 6, the function phi): each `<image>` token marks where
 a media item sits. `text_time[b, t]` counts the `<image>` tokens of row b at or before position t, so
@@ -22,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lm import RMSNorm
 from resampler import FeedForward
 
 
@@ -35,16 +40,39 @@ def media_mask(text_time, M, R, only_immediate=True):
     return mask.repeat_interleave(R, dim=-1)[:, None]                  # (B, 1, T, M*R)
 
 
+def make_norm(kind, dim, eps):
+    return RMSNorm(dim, eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)
+
+
+class SwiGLU(nn.Module):
+    """The LLaMA MLP (Shazeer 2020) behind its own norm: down(silu(gate(x)) * up(x)). Names as IDEFICS's."""
+
+    def __init__(self, dim, inner, eps):
+        super().__init__()
+        self.norm = RMSNorm(dim, eps)
+        self.gate_proj = nn.Linear(dim, inner, bias=False)
+        self.up_proj = nn.Linear(dim, inner, bias=False)
+        self.down_proj = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x):
+        x = self.norm(x)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 class MaskedCrossAttention(nn.Module):
-    def __init__(self, dim, dim_visual, heads=8, dim_head=64, only_attend_immediate_media=True):
+    def __init__(self, dim, dim_visual, heads=8, dim_head=64, only_attend_immediate_media=True, norm="layernorm",
+                 qk_norm=False, eps=1e-5):
         super().__init__()
         self.heads = heads
         self.only_immediate = only_attend_immediate_media
         inner = heads * dim_head
-        self.norm = nn.LayerNorm(dim)
+        self.norm = make_norm(norm, dim, eps)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim_visual, 2 * inner, bias=False)  # keys, then values
         self.to_out = nn.Linear(inner, dim, bias=False)
+        if qk_norm:  # over each head's dh dims, queries and keys apart (IDEFICS's qk_layer_norms)
+            self.q_norm, self.k_norm = RMSNorm(dim_head, eps), RMSNorm(dim_head, eps)
+        self.qk_norm = qk_norm
 
     def media_kv(self, visual, where=None):
         """Keys and values of the visual tokens -> two (B, h, M*R, dh) tensors. visual (B, M, R, D): every row's M
@@ -59,13 +87,18 @@ class MaskedCrossAttention(nn.Module):
             kv = slots
         B, M, R, _ = kv.shape
         k, v = kv.view(B, M * R, -1).chunk(2, dim=-1)                    # (B, M*R, inner) each
-        return tuple(t.view(B, M * R, self.heads, -1).transpose(1, 2).contiguous() for t in (k, v))
+        k, v = (t.view(B, M * R, self.heads, -1).transpose(1, 2) for t in (k, v))  # (B, h, M*R, dh)
+        if self.qk_norm:
+            k = self.k_norm(k)
+        return k.contiguous(), v.contiguous()
 
     def forward(self, x, text_time, kv, R):
         B, T, _ = x.shape
         k, v = kv                                                         # (B, h, M*R, dh)
         M = k.shape[2] // R
         q = self.to_q(self.norm(x)).view(B, T, self.heads, -1).transpose(1, 2)  # (B, h, T, dh)
+        if self.qk_norm:
+            q = self.q_norm(q)
         mask = media_mask(text_time, M, R, self.only_immediate)          # (B, 1, T, M*R)
         # A token with no image at all would have an all-False row, and softmax over nothing is NaN.
         # Let such rows see everything (any finite values), then zero their output exactly below.
@@ -76,14 +109,18 @@ class MaskedCrossAttention(nn.Module):
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    """GATED XATTN-DENSE: inserted before an LM layer; the identity while both gates are 0."""
+    """GATED XATTN-DENSE: inserted before an LM layer; the identity while both gates are 0. The options are IDEFICS's
+    (above): norm "layernorm" | "rmsnorm" (eps), ff "gelu" (ff_mult x dim) | "swiglu" (ff_inner), qk_norm, gate
+    "scalar" (1,) | "vector" (dim,)."""
 
-    def __init__(self, dim, dim_visual, heads=8, dim_head=64, ff_mult=4, only_attend_immediate_media=True):
+    def __init__(self, dim, dim_visual, heads=8, dim_head=64, ff_mult=4, only_attend_immediate_media=True,
+                 norm="layernorm", ff="gelu", ff_inner=None, qk_norm=False, gate="scalar", eps=1e-5):
         super().__init__()
-        self.attn = MaskedCrossAttention(dim, dim_visual, heads, dim_head, only_attend_immediate_media)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ff = FeedForward(dim, ff_mult)
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.attn = MaskedCrossAttention(dim, dim_visual, heads, dim_head, only_attend_immediate_media, norm,
+                                         qk_norm, eps)
+        self.attn_gate = nn.Parameter(torch.zeros(dim if gate == "vector" else 1))
+        self.ff = SwiGLU(dim, ff_inner or ff_mult * dim, eps) if ff == "swiglu" else FeedForward(dim, ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(dim if gate == "vector" else 1))
 
     def forward(self, x, text_time, kv, R):
         """x (B, T, C); text_time (B, T) image numbers; kv from `attn.media_kv`, None without images."""
