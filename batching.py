@@ -90,11 +90,12 @@ def gather(mine, n):
 class PromptImages(torch.utils.data.Dataset):
     """Item i: (i, prompt i's images (N_i, 1, 3, H, W)), or (i, Skipped) when one of them cannot be read.
     images: each prompt's list of image files (paths) or uint8 (H, W, 3) arrays. transform: the tower's
-    preprocessing of a PIL image (VisionEncoder.transform); mean and std normalise the arrays."""
+    preprocessing of a PIL image (VisionEncoder.transform); mean and std normalise the arrays of the tower's (H, W)
+    size."""
 
-    def __init__(self, indices, images, transform, mean, std):
+    def __init__(self, indices, images, transform, mean, std, size):
         self.indices, self.images = indices, images
-        self.transform, self.mean, self.std = transform, mean, std
+        self.transform, self.mean, self.std, self.size = transform, mean, std, size
 
     def __len__(self):
         return len(self.indices)
@@ -107,10 +108,13 @@ class PromptImages(torch.utils.data.Dataset):
             return i, Skipped(f"unreadable image ({type(e).__name__})")
 
     def decode(self, image):
-        """One image -> (3, H, W) float pixels, as the tower was trained to see them."""
-        if isinstance(image, np.ndarray):
-            return data.normalize([image], self.mean, self.std)[0]
+        """One image -> (3, H, W) float pixels, as the tower was trained to see them. An array of the tower's size
+        (the shapes world's renders for its own towers) is only normalised; any other goes through the transform."""
         from PIL import Image
+        if isinstance(image, np.ndarray):
+            if tuple(image.shape[:2]) == tuple(self.size):
+                return data.normalize([image], self.mean, self.std)[0]
+            return self.transform(Image.fromarray(image))
         with Image.open(image) as im:
             return self.transform(im.convert("RGB"))  # VisionEncoder.preprocess, without the tower itself
 
@@ -139,7 +143,8 @@ def answer(fn, prompts, vision, batch_size=8, num_workers=2, desc=None):
     from tqdm import tqdm
     rank, world = rank_world()
     mine = list(range(rank, len(prompts), world))  # this process's prompts
-    dataset = PromptImages(mine, [images for _, images in prompts], vision.transform, vision.mean, vision.std)
+    dataset = PromptImages(mine, [images for _, images in prompts], vision.transform, vision.mean, vision.std,
+                           vision.image_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=as_list,
                                          worker_init_fn=let_go_of_locks, prefetch_factor=4 if num_workers else None)
     answers = {}

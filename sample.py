@@ -20,7 +20,7 @@ import os
 import sys
 
 # -----------------------------------------------------------------------------
-init_from = "out-shapes"      # an out_dir of train.py (or its ckpt.pt), or openflamingo/<name> (README)
+init_from = "out-shapes"      # an out_dir of train.py (or its ckpt.pt), openflamingo/<name> or an IDEFICS (README)
 lm = ""                       # the LM of a local OpenFlamingo checkpoint.pt (a directory); hub models know theirs
 dtype = "float32"             # of the frozen LM ("bfloat16" halves MPT-7B's 27 GB; run under autocast)
 clip = "ViT-L-14"             # and their CLIP: open_clip name, and tag or local weights file
@@ -60,7 +60,9 @@ def fail(message):
     sys.exit(1)
 
 
-openflamingo = init_from.startswith("openflamingo/") or bool(lm)
+# a released model: OpenFlamingo's (a hub id, or a checkpoint.pt with its --lm), IDEFICS's (a hub id or a folder)
+openflamingo = init_from.startswith(("openflamingo/", "HuggingFaceM4/")) or bool(lm) \
+    or os.path.isfile(os.path.join(init_from, "config.json"))
 ckpt = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) or not init_from.endswith(".pt") else init_from
 if not openflamingo and not os.path.exists(ckpt):
     fail(f"no checkpoint at {ckpt}. Train one first:  python train.py config/train_shapes.py"
@@ -123,7 +125,8 @@ if chat:
 
 # images: CLIP's evaluation preprocessing (resize the short side, centre crop, normalise)
 images = torch.stack([model.vision.preprocess(im) for im in pil_images])[:, None].to(device)  # (N, 1, 3, H, W)
-idx = torch.tensor([tok.encode_markup(prompt)], device=device)  # (1, T)
+start = [tok.bos_id] if model.config.idefics and tok.bos_id is not None else []  # IDEFICS's prompts begin with <s>
+idx = torch.tensor([start + tok.encode_markup(prompt)], device=device)  # (1, T)
 if limit and idx.shape[1] >= limit:
     fail(f"the prompt is {idx.shape[1]} tokens; this LM reads at most {limit}")
 if limit:

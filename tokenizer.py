@@ -23,6 +23,7 @@ import tiktoken
 # 1. Markup and the Tokenizer
 
 IMAGE, EOC, EOT = "<image>", "<|endofchunk|>", "<|endoftext|>"
+FAKE, EOU = "<fake_token_around_image>", "<end_of_utterance>"  # IDEFICS's: around each image; an instruct turn's end
 # OpenFlamingo's prompt formats, one chunk each (its evaluation's strings): eval.py builds its prompts from them,
 # the shapes world its text and folder training (folders.FolderData) its rows, so a model is evaluated on the format
 # it learned. {fields} are plain text (encode_template).
@@ -34,9 +35,12 @@ class Tokenizer:
     """
     An LM's tokenizer plus the Flamingo tokens, appended after the LM's vocabulary in the order given: this
     project's (<image>, <|endofchunk|>): image_id = lm_vocab_size, eoc_id = lm_vocab_size + 1; or OpenFlamingo's
-    (<|endofchunk|>, <image>, <PAD>) = 50277, 50278, 50279 after GPT-NeoX's 50277. n_vocab = lm_vocab_size + their
-    number. encode() is for plain text and never yields a special id: a caption that contains the characters
-    "<image>" stays text. encode_markup() is the one explicit way to get them.
+    (<|endofchunk|>, <image>, <PAD>) = 50277, 50278, 50279 after GPT-NeoX's 50277; or IDEFICS's (<fake_token_around_image>,
+    <image>, and <end_of_utterance> in its instruct models) after LLaMA's 32000, where each <image> of the markup
+    becomes <fake_token_around_image><image><fake_token_around_image> (two images in a row share the one between
+    them) and <|endofchunk|> the end of a turn (<end_of_utterance>, else </s>), as IDEFICS's processor writes them.
+    n_vocab = lm_vocab_size + their number. encode() is for plain text and never yields a special id: a caption that
+    contains the characters "<image>" stays text. encode_markup() is the one explicit way to get them.
 
     Two kinds below: TiktokenTokenizer (bytes, gpt2, shapes) and HFTokenizer (any tokenizer.json). Each gives
     encode(text) and decode_base(ids) for the LM's own ids; the markup is handled here, the same for both.
@@ -48,10 +52,14 @@ class Tokenizer:
         self.name, self.eot_id = name, eot_id
         self.base_n_vocab = base_n_vocab  # ids in [base_n_vocab, lm_vocab_size): embedding rows with no token
         self.new_tokens = tuple(new_tokens)
-        self.image_id = lm_vocab_size + self.new_tokens.index(IMAGE)
-        self.eoc_id = lm_vocab_size + self.new_tokens.index(EOC)
-        self.n_vocab = lm_vocab_size + len(self.new_tokens)
         self.new_ids = {lm_vocab_size + i: t for i, t in enumerate(self.new_tokens)}  # id -> its markup
+        ids = {t: i for i, t in self.new_ids.items()}
+        self.image_id = ids[IMAGE]
+        self.eoc_id = ids.get(EOC, ids.get(EOU, eot_id))
+        self.fake_id = ids.get(FAKE)
+        self.bos_id = None  # the LM's beginning of a text, where it has one (HFTokenizer)
+        self.n_vocab = lm_vocab_size + len(self.new_tokens)
+        self.specials = {**ids, EOC: self.eoc_id, EOT: eot_id}  # markup -> id
 
     def encode(self, text):
         """Plain text -> ids. Special-token strings in `text` are encoded as ordinary text."""
@@ -62,10 +70,13 @@ class Tokenizer:
         raise NotImplementedError
 
     def encode_markup(self, text):
-        """Markup -> ids: "<image>", "<|endofchunk|>" and "<|endoftext|>" become their special ids."""
-        ids, specials = [], {IMAGE: self.image_id, EOC: self.eoc_id, EOT: self.eot_id}
-        for i, piece in enumerate(re.split(f"({re.escape(IMAGE)}|{re.escape(EOC)}|{re.escape(EOT)})", text)):
-            ids += [specials[piece]] if i % 2 else self.encode(piece) if piece else []
+        """Markup -> ids: "<image>", "<|endofchunk|>", "<|endoftext|>" and the other new tokens become their ids."""
+        ids, marks = [], "|".join(re.escape(t) for t in sorted(self.specials, key=len, reverse=True))
+        for i, piece in enumerate(re.split(f"({marks})", text)):
+            if i % 2 and piece == IMAGE and self.fake_id is not None:  # IDEFICS: <fake><image><fake>, shared
+                ids += ([] if ids[-1:] == [self.fake_id] else [self.fake_id]) + [self.image_id, self.fake_id]
+            else:
+                ids += [self.specials[piece]] if i % 2 else self.encode(piece) if piece else []
         return ids
 
     def encode_template(self, template, **fields):
@@ -110,6 +121,8 @@ class TiktokenTokenizer(Tokenizer):
         return self.enc.encode_ordinary(text)
 
     def encode_markup(self, text):  # tiktoken's own (the same ids as Tokenizer's, in one call)
+        if self.fake_id is not None or EOC not in self.new_tokens:
+            return super().encode_markup(text)
         return self.enc.encode(text, allowed_special={IMAGE, EOC, EOT}, disallowed_special=())
 
     def decode_base(self, ids):
@@ -219,11 +232,16 @@ class HFTokenizer(Tokenizer):
                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         self.lib.encode_special_tokens = True
         vocab = self.lib.get_vocab(with_added_tokens=True)  # {token: id}
-        n = max(vocab.values()) + 1
+        n = max(i for t, i in vocab.items() if t not in new_tokens) + 1  # (IDEFICS's file holds the new ones too,
+        n = n if lm_vocab_size is None else min(n, lm_vocab_size)         # and its instruct tokens past a base model's)
         special = [t.content for t in self.lib.get_added_tokens_decoder().values() if t.special]
         # the end of a text: GPT-NeoX's and GPT-2's <|endoftext|>, LLaMA's </s>, else the first special token
         eot = next((vocab[t] for t in (EOT, "</s>") if t in vocab), vocab[special[0]] if special else None)
         super().__init__(path, n, eot, lm_vocab_size, new_tokens)
+        self.bos_id = vocab.get("<s>")
+        for t, i in vocab.items():  # a new token the file also has must have the id it gets here
+            if t in self.new_tokens and self.specials[t] != i:
+                raise ValueError(f"{path} has {t} at id {i}, but the model's row for it is {self.specials[t]}")
 
     def encode(self, text):
         """Plain text -> ids, as the library encodes it; special-token strings stay text."""

@@ -51,7 +51,7 @@ def test_each_turn_answers_what_the_whole_conversation_answers(models, arch):
     history, media = [], []
     for t, (text, n) in enumerate(TURNS):
         x = images(n, t)
-        ids = conv.message_ids(text, n)
+        ids = conv.message_ids(text, n, t > 0)
         media += [] if x is None else [x]
         want = from_scratch(model, history, media, ids, 6)
         conv.say(text, x, max_new_tokens=6)

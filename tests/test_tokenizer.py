@@ -227,3 +227,24 @@ def test_vocabulary_entries_no_merge_makes_decode(tmp_path):
     ref, ours = tokenizers.Tokenizer.from_file(path), get_tokenizer(path)
     ids = ours.encode("a red circle") + [n, n + 1]
     assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False) == "a red circle<unused0><unused1>"
+
+
+def test_idefics_tokens_and_markup(tmp_path):
+    """IDEFICS's tokenizer.json holds its added tokens after LLaMA's rows: <fake_token_around_image>, <image>,
+    <end_of_utterance>. Each <image> of the markup is written as its processor writes it, between fake tokens (two
+    images in a row share one); <|endofchunk|> is the end of a turn; plain text stays text."""
+    from tokenizer import EOU, FAKE
+    lib = tokenizers.Tokenizer.from_file(llama_like(tmp_path))
+    n = lib.get_vocab_size()
+    lib.add_special_tokens([FAKE, IMAGE, EOU])
+    lib.save(str(tmp_path / "tokenizer.json"))
+    tok = get_tokenizer(str(tmp_path), lm_vocab_size=n, new_tokens=(FAKE, IMAGE, EOU))
+    assert (tok.fake_id, tok.image_id, tok.eoc_id, tok.n_vocab, tok.bos_id) == (n, n + 1, n + 2, n + 3, lib.token_to_id("<s>"))
+    ids = tok.encode_markup("User:<image><image>two images<end_of_utterance>\nAssistant:")
+    assert ids[ids.index(n + 1) - 1:ids.index(n + 1) + 4] == [n, n + 1, n, n + 1, n]
+    assert f"User:{FAKE}{IMAGE}{FAKE}{IMAGE}{FAKE}" in tok.decode(ids) and tok.encode_markup(EOC) == [n + 2]
+    assert not {n, n + 1, n + 2} & set(tok.encode("a literal <image> and <end_of_utterance> stay text"))
+    with pytest.raises(ValueError, match="at id 70., but the model.s row for it is"):  # rows in another order
+        get_tokenizer(str(tmp_path), lm_vocab_size=n, new_tokens=(IMAGE, FAKE, EOU))
+    base = get_tokenizer(str(tmp_path), lm_vocab_size=n, new_tokens=(FAKE, IMAGE))  # idefics-9b: no <end_of_utterance>
+    assert base.eoc_id == lib.token_to_id("</s>")
