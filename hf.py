@@ -105,6 +105,9 @@ def lm_config_fields(hf: dict) -> dict:
         return dict(arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
                     n_embd=hf["n_embd"], n_inner=hf.get("n_inner"), block_size=hf["n_positions"], bias=True,
                     norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_word_embeddings=hf.get("tie_word_embeddings", True))
+    if mt == "idefics":  # its LM is a LLaMA (idefics.py reads the rest)
+        return lm_config_fields({**hf, "model_type": "llama", "num_key_value_heads": hf["num_attention_heads"],
+                                 "head_dim": None})
     if mt in ("llama", "qwen2", "mistral"):
         if hf.get("hidden_act", "silu") != "silu":
             raise NotImplementedError(f"activation {hf['hidden_act']!r}")

@@ -49,9 +49,10 @@ def is_idefics(name):
     return name.lower().startswith("huggingfacem4/idefics") and "idefics2" not in name.lower()
 
 
-def options(config):
-    """config.json (a dict) -> (LMConfig fields, FlamingoConfig options, open_clip overrides of the tower). Settings
-    this code does not implement are refused, never ignored."""
+def options(config, new_tokens=None):
+    """config.json (a dict) -> (LMConfig fields, FlamingoConfig options, open_clip overrides of the tower). new_tokens:
+    the names of the rows after the LM's (added_tokens; None: IDEFICS's). Settings this code does not implement are
+    refused, never ignored."""
     vc, pc = config.get("vision_config") or {}, config.get("perceiver_config") or {}
     if not config.get("use_resampler", pc.get("use_resampler")):
         raise NotImplementedError("IDEFICS without its Perceiver Resampler (use_resampler=false)")
@@ -62,9 +63,9 @@ def options(config):
     if L % n:
         raise NotImplementedError(f"{L} layers with a gated block every {n}: IDEFICS's own code needs n to divide them")
     C, heads, eps = config["hidden_size"], config["num_attention_heads"], config.get("rms_norm_eps", 1e-6)
-    lm = hf.lm_config_fields({**config, "model_type": "llama", "num_key_value_heads": heads, "head_dim": None})
+    lm = hf.lm_config_fields(config)
     D = vc.get("embed_dim", vc.get("hidden_size", 768))
-    names = config.get("_new_tokens") or NEW_TOKENS[:config.get("additional_vocab_size", 0)]
+    names = tuple(new_tokens or NEW_TOKENS[:config.get("additional_vocab_size", 0)])
     flamingo = dict(
         cross_attn_every_n_layers=n, xattn_at="start", xattn_heads=heads, xattn_dim_head=C // heads,
         xattn_norm="rmsnorm", xattn_ff="swiglu", xattn_ff_inner=config["intermediate_size"], xattn_eps=eps,
@@ -152,8 +153,8 @@ def read(path_or_hub_id, dtype=None):
     config = hf.read_config(path)
     if config.get("model_type") != "idefics":
         raise ValueError(f"{path}/config.json: model_type {config.get('model_type')!r}, not 'idefics'")
-    lm_fields, flamingo, tower = options({**config, "_new_tokens": added_tokens(path, config)})
-    flamingo["idefics"] = path_or_hub_id
+    lm_fields, flamingo, tower = options(config, added_tokens(path, config))
+    flamingo["idefics"] = flamingo["lm"] = path_or_hub_id  # the LM is the folder's LLaMA
     sd = hf.load_state_dict(path)
     lm_sd = {k: v for k, v in sd.items() if k.startswith(("model.layers.", "model.norm.", "lm_head.weight"))}
     V = lm_fields["vocab_size"]
