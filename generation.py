@@ -44,6 +44,8 @@ def expand_media(images, idx, media_token_id, n):
         raise ValueError(f"{sum(counts)} <image> tokens but {len(images)} images")
     starts = [sum(counts[:b]) for b in range(len(counts))]
     order = [i for b, c in enumerate(counts) for _ in range(n) for i in range(starts[b], starts[b] + c)]
+    if isinstance(images, (list, tuple)):  # items of different frame counts
+        return [images[i] for i in order]
     return images[torch.tensor(order, device=images.device)]
 
 
@@ -90,13 +92,15 @@ class Stepper:
         self._select(rows)
 
     def add_media(self, images):
-        """Media items (k, F, 3, H, W) for `<image>` tokens fed after this, in their order: a conversation's new
-        images (one row). Their keys and values join those computed so far; nothing already fed is recomputed (a
-        token sees only the last image before it, so the new items change no earlier token)."""
+        """Media items (k, F, 3, H, W), or a list of k (F_i, 3, H, W), for `<image>` tokens fed after this: a
+        conversation's new images (one row). Their keys and values join those computed so far; nothing already fed is
+        recomputed (a token sees only the last image before it, so the new items change no earlier token)."""
         if self.seen.shape[0] != 1:
             raise ValueError("add_media: one row only (a conversation)")
         if not self.use_cache:
-            self.images = images if self.images is None else torch.cat([self.images, images])
+            lists = isinstance(images, (list, tuple)) or isinstance(self.images, (list, tuple))
+            self.images = images if self.images is None else [*self.images, *images] if lists \
+                else torch.cat([self.images, images])
             return
         marks = torch.full((1, len(images)), self.model.media_token_id, device=self.seen.device)
         new = self.model.media_kvs(self.model.encode_media(images, marks))  # {layer: (k, v)}, (1, h, k*R, dh) each

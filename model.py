@@ -217,10 +217,11 @@ class Flamingo(nn.Module):
         B, M)), row and slot (N,) each item's row and its place among that row's items; None without images.
 
         `images` (N, F, 3, H, W) holds the N media items of the batch in the order of their `<image>`
-        tokens, row by row. Only real images are encoded, and only their keys and values computed (media_kvs):
-        a row with fewer items than M (the most any row has) gets zero slots that no token attends to (see
-        xattn.media_mask). vision_features (N, F, S, D) instead: the frozen tower's output for those images,
-        computed once and cached (folders.FeatureCache).
+        tokens, row by row; a list of N items (F_i, 3, H, W) when their frame counts differ (images and videos mixed:
+        every real frame is encoded once, no padding frames). Only real items are encoded, and only their keys and
+        values computed (media_kvs): a row with fewer items than M (the most any row has) gets zero slots that no token
+        attends to (xattn.media_mask). vision_features (N, F, S, D), or a list of (F_i, S, D), instead: the frozen
+        tower's output for those images, computed once and cached (folders.FeatureCache).
         """
         if vision_features is not None:
             images = vision_features
@@ -230,17 +231,20 @@ class Flamingo(nn.Module):
             if n or (images is not None and len(images)):
                 raise ValueError(f"{n} <image> tokens but {0 if images is None else len(images)} images")
             return None
-        if images.ndim not in (4, 5) or images.shape[0] != n or (images.ndim == 4) != (vision_features is not None):
-            raise ValueError(f"images must be (N, F, 3, H, W), or vision_features (N, F, S, D), with N = {n} (the "
-                             f"number of <image> tokens); got {tuple(images.shape)}")
-        N, Fr = images.shape[:2]
+        items = list(images) if isinstance(images, (list, tuple)) else None
+        dims = {t.ndim + 1 for t in items} if items else {images.ndim}  # 5: pixels, 4: features
+        if len(images) != n or dims != {4 if vision_features is not None else 5}:
+            raise ValueError(f"images must be (N, F, 3, H, W) or a list of (F, 3, H, W), vision_features (N, F, S, D) "
+                             f"or a list of (F, S, D), with N = {n} (the number of <image> tokens); got "
+                             f"{[tuple(t.shape) for t in items] if items else tuple(images.shape)}")
+        frames = torch.cat(items) if items else images.flatten(0, 1)      # (sum of F, ...): every real frame once
         if vision_features is None:
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
-                feats = self.vision(images.flatten(0, 1))    # (N*F, S, D)
-            feats = feats.view(N, Fr, *feats.shape[1:])      # (N, F, S, D)
-        else:
-            feats = vision_features.to(next(self.perceiver.parameters()).dtype)
-        tokens = self.perceiver(feats)                       # (N, R, D)
+                frames = self.vision(frames)                               # (sum of F, S, D)
+        frames = frames.to(next(self.perceiver.parameters()).dtype)
+        feats = frames.split([len(t) for t in items]) if items else frames.view(*images.shape[:2], *frames.shape[1:])
+        tokens = self.perceiver(feats)                       # (N, R, D): feats (N, F, S, D) or N of (F_i, S, D)
+        N = len(tokens)
         B, M = idx.shape[0], int(counts.max())
         row = torch.repeat_interleave(torch.arange(B, device=idx.device), counts)       # (N,) row of each item
         slot = torch.arange(N, device=idx.device) - (counts.cumsum(0) - counts)[row]  # (N,) its place in the row
@@ -364,12 +368,10 @@ class Flamingo(nn.Module):
 
     @classmethod
     def from_openflamingo(cls, checkpoint, lm, clip="ViT-L-14", clip_pretrained="openai", dtype=None, verbose=True):
-        """A released OpenFlamingo model (hf.OPENFLAMINGO): its checkpoint.pt (a hub id such as
-        "openflamingo/OpenFlamingo-9B-vitl-mpt7b", a directory or the file), its LM (hub id or directory) and
-        its CLIP. The layout comes from the checkpoint itself (hf.read_openflamingo): which layers have a gated
-        block, the resampler's depth and latents, the vocabulary (the LM's table resized to 50280 rows: GPT-NeoX's
-        50277 tokens, then <|endofchunk|>, <image>, <PAD>). Every tensor must find its place and fit it. Vision
-        features are open_clip's patch tokens before ln_post, as OpenFlamingo's models were trained on."""
+        """A released OpenFlamingo model: its checkpoint.pt (a hub id of hf.OPENFLAMINGO, a directory or the file), its
+        LM (hub id or directory) and its CLIP. The layout comes from the checkpoint (hf.read_openflamingo): the blocks'
+        layers, the resampler's size, the vocabulary (GPT-NeoX's 50277 tokens, then <|endofchunk|>, <image>, <PAD>).
+        Every tensor must fit its place. Vision features: patch tokens before ln_post, as OpenFlamingo's saw them."""
         path = hf.openflamingo_file(checkpoint)
         lm_model = LM.from_pretrained(lm, dtype=dtype)
         arch, C = lm_model.config.arch, lm_model.config.n_embd

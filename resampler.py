@@ -77,16 +77,36 @@ class PerceiverResampler(nn.Module):
         ])
         self.norm = nn.LayerNorm(dim)
 
+    def time_embeddings(self, Fr):
+        """The time embeddings of an item of Fr frames, (Fr, D): the first Fr learned ones; for more frames than were
+        learned (max_num_frames, the clip length trained on), the learned ones linearly interpolated to Fr points over
+        the same span, as the Flamingo paper evaluates on longer clips than its 8 training frames. A resampler with one
+        time embedding (trained on images) or none (OpenFlamingo's) cannot order frames in time: refused."""
+        T = 0 if self.frame_embs is None else self.frame_embs.shape[0]
+        if Fr <= T:
+            return self.frame_embs[:Fr]
+        if T <= 1 and Fr > 1:
+            raise ValueError(f"an item of {Fr} frames, but this resampler has {T or 'no'} time embedding(s): "
+                             "trained on images only, it cannot tell frames apart in time (train on videos, "
+                             "max_num_frames >= 2)")
+        if T == 0:
+            return None
+        return F.interpolate(self.frame_embs.t()[None], size=Fr, mode="linear", align_corners=True)[0].t()
+
     def forward(self, x):
-        """x: (N, F, S, D) features of N media items -> (N, R, D) visual tokens, whatever F and S are."""
+        """x: (N, F, S, D) features of N media items, or a list of N items (F_i, S, D) of different frame counts (each
+        group of one F runs as a batch: no padding frames) -> (N, R, D) visual tokens, whatever F and S are."""
+        if isinstance(x, (list, tuple)):
+            out = [None] * len(x)
+            for Fr in sorted({t.shape[0] for t in x}):
+                group = [i for i, t in enumerate(x) if t.shape[0] == Fr]
+                for i, tokens in zip(group, self(torch.stack([x[i] for i in group]))):
+                    out[i] = tokens
+            return torch.stack(out)                                  # (N, R, D)
         N, Fr, S, D = x.shape
-        if self.frame_embs is not None:
-            if Fr > self.frame_embs.shape[0]:
-                raise ValueError(f"{Fr} frames per item, but the resampler has time embeddings for "
-                                 f"{self.frame_embs.shape[0]} (max_num_frames)")
-            x = x + self.frame_embs[:Fr, None, :]                   # (N, F, S, D)
-        elif Fr != 1:
-            raise ValueError(f"{Fr} frames per item, but this resampler has no time embeddings")
+        time = self.time_embeddings(Fr)                              # (F, D), or None: no time embeddings
+        if time is not None:
+            x = x + time[:, None, :]                                 # (N, F, S, D)
         x = x.reshape(N, Fr * S, D)                                  # (N, F*S, D)
         latents = self.latents.expand(N, -1, -1)                     # (N, R, D)
         for attn, ff in self.layers:

@@ -9,6 +9,13 @@ Few-shot prompts are written inline: one `--image` per `<image>` in the prompt, 
     python sample.py --image a.png --image b.png --image c.png \
         --prompt "<image>Output:red<|endofchunk|><image>Output:blue<|endofchunk|><image>Output:"
 
+A video is a media item like an image, in the place of an `<image>` marker: its frames sampled at --fps (1, the
+paper's rate), at most --max_frames, spread evenly over a longer clip (video.py); --image and --video mix in one
+prompt, each in the order of the markers.
+
+    python sample.py --video clip.mp4 --prompt "<image>Question:which way does the circle move? Short answer:"
+    python sample.py --video a.mp4 --image b.png --prompt "<image>Output:a circle moving left<|endofchunk|><image>Output:"
+
 The continuation is printed as it is generated; the last line of output is the continuation.
 
 A conversation, images added by a line `/image PATH` (chat.py has the format):
@@ -25,32 +32,33 @@ lm = ""                       # the LM of a local OpenFlamingo checkpoint.pt (a 
 dtype = "float32"             # of the frozen LM ("bfloat16" halves MPT-7B's 27 GB; run under autocast)
 clip = "ViT-L-14"             # and their CLIP: open_clip name, and tag or local weights file
 clip_pretrained = "openai"
-prompt = ""                   # "": the captioning prompt "<image>Output:" (one image only)
+prompt = ""                   # "": the captioning prompt "<image>Output:" (one image or video only)
 max_new_tokens = 40
 temperature = 0.0             # 0 = greedy
 top_k = None
 top_p = None
 num_beams = 1
 chat = False                  # a conversation in the terminal (chat.py) instead of one continuation
+fps = 1.0                     # videos: frames sampled per second (the paper's 1)
+max_frames = 8                # ... and at most this many, spread evenly over a longer clip (the paper trains on 8)
 seed = 1337
 device = "cpu"
-# --image may repeat, so it is taken out of the arguments before the configurator sees them
-image = []
-_argv, _i = [], 0  # underscored: not config keys
+# --image and --video may repeat, so they are taken out of the arguments before the configurator sees them, in order
+_media, _argv, _i = [], [], 0  # underscored: not config keys. _media: ("image" or "video", path), in order
 while _i < len(sys.argv[1:]):
     _a = sys.argv[1 + _i]
-    if _a == "--image" and _i + 1 < len(sys.argv[1:]):
-        image.append(sys.argv[2 + _i])
+    if _a in ("--image", "--video") and _i + 1 < len(sys.argv[1:]):
+        _media.append((_a[2:], sys.argv[2 + _i]))
         _i += 2
         continue
-    if _a.startswith("--image="):
-        image.append(_a.split("=", 1)[1])
+    if _a.startswith(("--image=", "--video=")):
+        _media.append((_a[2:7], _a.split("=", 1)[1]))
     else:
         _argv.append(_a)
     _i += 1
 from configurator import check, configure  # noqa: E402
 configure(globals(), _argv, exit_on_error=True)
-check(globals(), at_least=dict(max_new_tokens=1, temperature=0, top_k=1, top_p=0, num_beams=1),
+check(globals(), at_least=dict(max_new_tokens=1, temperature=0, top_k=1, top_p=0, num_beams=1, max_frames=1),
       at_most=dict(top_p=1), choices=dict(dtype=("float32", "bfloat16", "float16")), may_be_none=("top_k", "top_p"))
 # -----------------------------------------------------------------------------
 
@@ -67,25 +75,32 @@ ckpt = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) or not ini
 if not openflamingo and not os.path.exists(ckpt):
     fail(f"no checkpoint at {ckpt}. Train one first:  python train.py config/train_shapes.py"
          + ("" if init_from == "out-shapes" else f" --out_dir={os.path.dirname(ckpt) or '.'}"))
-if chat and (image or prompt or num_beams > 1):
+if chat and (_media or prompt or num_beams > 1):
     fail("--chat takes its images and messages as you type them (/image PATH), and no beams")
-if not image and not chat:
-    fail("give an image: python sample.py --image cat.jpg")
+if not _media and not chat:
+    fail("give an image or a video: python sample.py --image cat.jpg")
 
 from PIL import Image  # noqa: E402
 
-# every argument is checked before the slow imports and the model load
+import video  # noqa: E402
+
+# every argument is checked, every image and video read, before the slow imports and the model load
 if not prompt and not chat:
-    if len(image) > 1:
-        fail(f"{len(image)} images: write a --prompt with one <image> for each")
+    if len(_media) > 1:
+        fail(f"{len(_media)} images and videos: write a --prompt with one <image> for each")
     prompt = "<image>Output:"  # OpenFlamingo's captioning prompt
-if not chat and prompt.count("<image>") != len(image):
-    fail(f"the prompt has {prompt.count('<image>')} <image> markers but {len(image)} images were given")
-pil_images = []
-for path in image:
+if not chat and prompt.count("<image>") != len(_media):
+    fail(f"the prompt has {prompt.count('<image>')} <image> markers but {len(_media)} images and videos were given")
+frames = []  # per media item, its frames as PIL images: one for an image
+for kind, path in _media:
     try:
+        if kind == "video":
+            frames.append(video.read_frames(path, fps, max_frames))
+            continue
         with Image.open(path) as im:
-            pil_images.append(im.convert("RGB"))
+            frames.append([im.convert("RGB")])
+    except video.VideoError as e:
+        fail(str(e))
     except FileNotFoundError:
         fail(f"image not found: {path}")
     except Exception as e:  # not an image, truncated, a decompression bomb (PIL refuses over 179M pixels), ...
@@ -123,8 +138,9 @@ if chat:
         conversation.run(model, tok, preprocess, limit, max_new_tokens, temperature, top_k, top_p)
     sys.exit(0)
 
-# images: CLIP's evaluation preprocessing (resize the short side, centre crop, normalise)
-images = torch.stack([model.vision.preprocess(im) for im in pil_images])[:, None].to(device)  # (N, 1, 3, H, W)
+# images and video frames: the tower's evaluation preprocessing (CLIP's: resize the short side, centre crop, normalise)
+items = [torch.stack([model.vision.preprocess(im) for im in item]).to(device) for item in frames]  # (F, 3, H, W) each
+images = torch.stack(items) if len({len(t) for t in items}) == 1 else items  # (N, F, 3, H, W), or the list
 start = [tok.bos_id] if model.config.idefics and tok.bos_id is not None else []  # IDEFICS's prompts begin with <s>
 idx = torch.tensor([start + tok.encode_markup(prompt)], device=device)  # (1, T)
 if limit and idx.shape[1] >= limit:
@@ -145,9 +161,12 @@ def stream(token):
         printed = text
 
 
-with amp:
-    out = model.generate(images, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         num_beams=num_beams, on_token=stream if num_beams == 1 else None)
+try:
+    with amp:
+        out = model.generate(images, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             num_beams=num_beams, on_token=stream if num_beams == 1 else None)
+except ValueError as e:  # what this model cannot read: a video for a model trained on images only, ...
+    fail(str(e))
 continuation = out[0, idx.shape[1]:].tolist()
 if model.eoc_token_id in continuation:
     continuation = continuation[:continuation.index(model.eoc_token_id)]

@@ -403,17 +403,32 @@ def test_resampler():
         rs.frame_embs[2] += torch.randn(16)  # the third time embedding is unused by a 2-frame video
         assert torch.equal(rs(video), out)
 
-        with pytest.raises(ValueError, match="frames"):
-            rs(torch.randn(1, 4, 4, 16))
-        # no time embeddings (OpenFlamingo's released models): single frames only
+        # more frames than were learned: the 3 learned embeddings interpolated over 5 frames (the paper's way)
+        time = rs.time_embeddings(5)
+        assert torch.equal(time[[0, 2, 4]], rs.frame_embs) and torch.allclose(time[1], rs.frame_embs[:2].mean(0))
+        x = torch.randn(1, 5, 4, 16)
+        with torch.no_grad():
+            saved = rs.frame_embs
+            rs.frame_embs = torch.nn.Parameter(time)
+            want = rs(x)
+            rs.frame_embs = saved
+        torch.testing.assert_close(rs(x), want, atol=0, rtol=0)
+        # items of different frame counts in one call: each the same as alone
+        items = [torch.randn(2, 4, 16), torch.randn(1, 4, 16), torch.randn(3, 4, 16), torch.randn(1, 4, 16)]
+        out = rs(items)
+        for item, o in zip(items, out):
+            torch.testing.assert_close(rs(item[None])[0], o, atol=1e-6, rtol=0)
+        # one time embedding (an image model) or none (OpenFlamingo's released models): single frames only
+        rs1 = PerceiverResampler(16, depth=1, heads=2, dim_head=8, num_latents=5, max_num_frames=1)
         rs0 = PerceiverResampler(16, depth=1, heads=2, dim_head=8, num_latents=5, max_num_frames=0)
         assert rs0.frame_embs is None and rs0(torch.randn(2, 1, 4, 16)).shape == (2, 5, 16)
-        with pytest.raises(ValueError, match="frames"):
-            rs0(torch.randn(2, 2, 4, 16))
+        for r in (rs0, rs1):
+            with pytest.raises(ValueError, match="cannot tell frames apart in time"):
+                r(torch.randn(2, 2, 4, 16))
 
 
 def test_video_through_model(opened):
-    """Videos (F > 1) flow through the whole model; F > max_num_frames is refused."""
+    """Videos (F > 1) flow through the whole model, with more frames than max_num_frames too (interpolated time)."""
     src = opened["llama"]
     cfg = dataclasses.replace(src.config, max_num_frames=2)
     m = Flamingo(copy.deepcopy(src.lm), copy.deepcopy(src.vision), cfg, verbose=False).eval()
@@ -422,8 +437,30 @@ def test_video_through_model(opened):
     video = images_for(1, 0, frames=2)
     base = logits_of(m, video, idx)
     assert not torch.allclose(logits_of(m, video[:, [1, 0]], idx), base, atol=1e-5)
-    with pytest.raises(ValueError, match="frames"):
-        logits_of(m, images_for(1, 0, frames=3), idx)
+    assert logits_of(m, images_for(1, 0, frames=3), idx).shape == base.shape
+
+
+def test_images_and_videos_mixed(opened):
+    """Items of different frame counts in one batch (a list, no padding frames): each row's logits those it gets
+    alone; a list of items of one frame count gives the tensor's logits; generation cached = uncached (beams too)."""
+    src = opened["llama"]
+    m = Flamingo(copy.deepcopy(src.lm), copy.deepcopy(src.vision), dataclasses.replace(src.config, max_num_frames=2),
+                 verbose=False).eval()
+    open_gates_(m)
+    idx = torch.tensor([[1, IMG, 2, IMG, 3], [4, 5, IMG, 6, 7]])
+    items = [images_for(1, 0)[0], images_for(1, 1, frames=2)[0], images_for(1, 2, frames=3)[0]]  # (F, 3, H, W)
+    both = logits_of(m, items, idx)
+    torch.testing.assert_close(both[:1], logits_of(m, items[:2], idx[:1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(both[1:], logits_of(m, items[2][None], idx[1:]), atol=1e-5, rtol=0)
+    same = [images_for(1, 3, frames=2)[0], images_for(1, 4, frames=2)[0], images_for(1, 5, frames=2)[0]]
+    torch.testing.assert_close(logits_of(m, same, idx), logits_of(m, torch.stack(same), idx), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="a list of"):
+        logits_of(m, items[:2], idx)
+    prompts = [[1, IMG, 2, IMG, 3], [4, 5, IMG]]
+    cached = m.generate(items, prompts, 6, temperature=0)
+    assert cached == m.generate(items, prompts, 6, temperature=0, use_cache=False)
+    beams = m.generate(items, prompts, 6, num_beams=2)
+    assert beams == m.generate(items, prompts, 6, num_beams=2, use_cache=False)
 
 
 # -----------------------------------------------------------------------------
