@@ -88,14 +88,16 @@ def gather(mine, n):
 # 2. Images, decoded ahead of the model
 
 class PromptImages(torch.utils.data.Dataset):
-    """Item i: (i, prompt i's images (N_i, 1, 3, H, W)), or (i, Skipped) when one of them cannot be read.
-    images: each prompt's list of image files (paths) or uint8 (H, W, 3) arrays. transform: the tower's
+    """Item i: (i, prompt i's media (N_i, F, 3, H, W), or their list where F differs), or (i, Skipped) when one of
+    them cannot be read. images: each prompt's list of image files (paths), uint8 (H, W, 3) arrays or clips
+    (F, H, W, 3). transform: the tower's
     preprocessing of a PIL image (VisionEncoder.transform); mean and std normalise the arrays of the tower's (H, W)
     size."""
 
     def __init__(self, indices, images, transform, mean, std, size):
         self.indices, self.images = indices, images
-        self.transform, self.mean, self.std, self.size = transform, mean, std, size
+        self.transform, self.mean, self.std = transform, mean, std
+        self.size = (size, size) if isinstance(size, int) else tuple(size)  # (H, W): open_clip gives either
 
     def __len__(self):
         return len(self.indices)
@@ -103,20 +105,23 @@ class PromptImages(torch.utils.data.Dataset):
     def __getitem__(self, j):
         i = self.indices[j]
         try:
-            return i, torch.stack([self.decode(im) for im in self.images[i]])[:, None]  # (N_i, 1, 3, H, W)
+            items = [self.decode(im) for im in self.images[i]]                 # (F, 3, H, W) each
+            return i, torch.stack(items) if len({len(x) for x in items}) <= 1 else items  # (N_i, F, 3, H, W)
         except Exception as e:  # any decoder's error, a decompression bomb (PIL): counted by eval.py, not fatal
             return i, Skipped(f"unreadable image ({type(e).__name__})")
 
     def decode(self, image):
-        """One image -> (3, H, W) float pixels, as the tower was trained to see them. An array of the tower's size
-        (the shapes world's renders for its own towers) is only normalised; any other goes through the transform."""
+        """One image -> (1, 3, H, W) float pixels, as the tower was trained to see them; a clip's frames (F, H, W, 3)
+        -> (F, 3, H, W). Arrays of the tower's size (the shapes worlds' renders for their own towers) are only
+        normalised; any other goes through the transform."""
         from PIL import Image
         if isinstance(image, np.ndarray):
-            if tuple(image.shape[:2]) == tuple(self.size):
-                return data.normalize([image], self.mean, self.std)[0]
-            return self.transform(Image.fromarray(image))
+            frames = image if image.ndim == 4 else image[None]                  # (F, H, W, 3)
+            if tuple(frames.shape[1:3]) == self.size:
+                return data.normalize(frames, self.mean, self.std)
+            return torch.stack([self.transform(Image.fromarray(f)) for f in frames])
         with Image.open(image) as im:
-            return self.transform(im.convert("RGB"))  # VisionEncoder.preprocess, without the tower itself
+            return self.transform(im.convert("RGB"))[None]  # VisionEncoder.preprocess, without the tower itself
 
 
 def let_go_of_locks(worker_id):
@@ -137,7 +142,7 @@ def as_list(batch):
 
 def answer(fn, prompts, vision, batch_size=8, num_workers=2, desc=None):
     """Answer every prompt: prompts is a list of (ids, images) (images as PromptImages takes them); fn(ids, x)
-    answers a batch: ids a list of B token lists, x (N, 1, 3, H, W) all their images in order -> B answers.
+    answers a batch: ids a list of B token lists, x (N, F, 3, H, W) all their media in order -> B answers.
     -> the list of answers, in the prompts' order, on every process: fn's, or a Skipped. desc: a tqdm bar (on rank
     0) with this title; None for none."""
     from tqdm import tqdm
@@ -152,8 +157,9 @@ def answer(fn, prompts, vision, batch_size=8, num_workers=2, desc=None):
         for batch in loader:                                      # B prompts: (i, (N_i, 1, 3, H, W) or Skipped)
             ready = [(i, x) for i, x in batch if not isinstance(x, Skipped)]
             answers.update((i, x) for i, x in batch if isinstance(x, Skipped))
-            if ready:
-                x = torch.cat([x for _, x in ready])              # (N, 1, 3, H, W): the batch's images, in order
+            if ready:  # the batch's media in order: (N, F, 3, H, W), or N items (F_i, 3, H, W) where F differs
+                media = [m for _, items in ready for m in items]
+                x = torch.stack(media) if len({len(m) for m in media}) == 1 else media
                 out = fn([prompts[i][0] for i, _ in ready], x)
                 answers.update((i, a) for (i, _), a in zip(ready, out))
             bar.update(len(batch))

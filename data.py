@@ -3,8 +3,8 @@ Data for Flamingo: samples to tensors, and the sources train.py reads batches fr
 
 A *sample* is (text, images): `text` is markup, a string in which "<image>" marks where an image sits and
 "<|endofchunk|>" ends the text that belongs to it, or the ids of such markup already tokenized (web text may hold
-the characters "<image>", which must stay text: shards.py); `images` is a list of uint8 arrays (H, W, 3) in the
-order of the <image> markers.
+the characters "<image>", which must stay text: shards.py); `images` is a list of uint8 arrays in the order of the
+<image> markers, each an image (H, W, 3) or a video's frames (F, H, W, 3).
 
 1. Labels: which tokens are predicted: the text of each image's chunk, as OpenFlamingo's training code masks
    them; never padding, <image> tokens, text before the first image or between chunks.
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import shapes
+import shapes_video
 
 # -----------------------------------------------------------------------------
 # 1. Labels
@@ -100,23 +101,27 @@ def decode_error(path):
 class Batch:
     """One micro-batch as Flamingo.forward reads it: idx (B, T) token ids, targets (B, T) (the next token, or -1:
     no loss), and the batch's N media items in the order of their <image> tokens, row by row: images
-    (N, F, 3, H, W) normalised pixels, or instead vision_features (N, F, S, D), the frozen tower's cached output
-    for them (FeatureCache). Both None: no image."""
+    (N, F, 3, H, W) normalised pixels (a list of N (F_i, 3, H, W) when images and videos mix), or instead
+    vision_features (N, F, S, D), the frozen tower's cached output for them (FeatureCache). Both None: no image."""
     idx: torch.Tensor
     targets: torch.Tensor
-    images: torch.Tensor | None = None
+    images: torch.Tensor | list | None = None
     vision_features: torch.Tensor | None = None
 
     def to(self, device):
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        def move(t):
+            if isinstance(t, list):
+                return [move(x) for x in t]
+            return None if t is None else t.to(device, non_blocking=True)
         return Batch(move(self.idx), move(self.targets), move(self.images), move(self.vision_features))
 
 
 def collate(samples, tokenizer, block_size, image_mean=CLIP_MEAN, image_std=CLIP_STD, features=None):
     """
-    samples: list of (text markup or its ids, list of uint8 (H, W, 3) images) -> Batch:
-      images  (N, 1, 3, H, W) float32, normalised, the N images of the batch in the order of
-              their <image> tokens, row by row (F = 1 frame each); None when N == 0
+    samples: list of (text markup or its ids, list of uint8 images (H, W, 3) or videos (F, H, W, 3)) -> Batch:
+      images  (N, F, 3, H, W) float32, normalised, the N media items of the batch in the order of their
+              <image> tokens, row by row (F = 1 for images); a list of (F_i, 3, H, W) where frame counts
+              differ (no padding frames); None when N == 0
       idx     (B, T) long, T = the longest row (<= block_size), right-padded with <|endoftext|>
       targets (B, T) long, targets[b, t] = idx[b, t+1] where that token is chunk text, else -1
     Rows longer than block_size are cut, and with them the images whose <image> token was cut.
@@ -143,7 +148,11 @@ def collate(samples, tokenizer, block_size, image_mean=CLIP_MEAN, image_std=CLIP
         return Batch(idx, targets)
     if features is not None:
         return Batch(idx, targets, vision_features=features.lookup(images))
-    return Batch(idx, targets, images=normalize(images, image_mean, image_std).unsqueeze(1))  # (N, 1, 3, H, W)
+    counts = [1 if np.ndim(x) == 3 else len(x) for x in images]
+    frames = normalize([f for x in images for f in (x[None] if np.ndim(x) == 3 else x)], image_mean, image_std)
+    if len(set(counts)) == 1:
+        return Batch(idx, targets, images=frames.view(len(images), counts[0], *frames.shape[1:]))  # (N, F, 3, H, W)
+    return Batch(idx, targets, images=list(frames.split(counts)))  # N items (F_i, 3, H, W)
 
 
 def batch_indices(step, micro_step, grad_accum, rank, world_size, batch_size):
@@ -175,17 +184,20 @@ def trim_dangling_images(tok, ids):
 class ShapesData:
     """The shapes world as a source: batch() draws the rows batch_indices names, each a pure function of (split,
     seed, row): one sample a row, or with pack=True samples packed to block_size tokens (shapes.packed_sample).
-    opts go to shapes.shapes_sample (kind, qtype, ...)."""
+    video=True: the moving-shapes world's clips instead (shapes_video.py). opts go to the sample function (kind,
+    qtype, ...)."""
 
-    def __init__(self, split, seed, tokenizer, block_size, mean=CLIP_MEAN, std=CLIP_STD, pack=False, **opts):
+    def __init__(self, split, seed, tokenizer, block_size, mean=CLIP_MEAN, std=CLIP_STD, pack=False, video=False,
+                 **opts):
         self.split, self.seed, self.tok, self.block_size, self.pack, self.opts = split, seed, tokenizer, block_size, pack, opts
         self.mean, self.std = mean, std
+        self.sample = shapes_video.video_sample if video else shapes.shapes_sample
 
     def batch(self, step, micro_step, grad_accum, rank, world_size, batch_size):
         indices = batch_indices(step, micro_step, grad_accum, rank, world_size, batch_size)
         if self.pack:
-            samples = [shapes.packed_sample(self.split, self.seed, i, self.tok, self.block_size, **self.opts)
-                       for i in indices]
+            samples = [shapes.packed_sample(self.split, self.seed, i, self.tok, self.block_size, sample=self.sample,
+                                            **self.opts) for i in indices]
         else:
-            samples = [shapes.shapes_sample(self.split, self.seed, i, **self.opts) for i in indices]
+            samples = [self.sample(self.split, self.seed, i, **self.opts) for i in indices]
         return collate(samples, self.tok, self.block_size, self.mean, self.std)

@@ -18,7 +18,8 @@ Few-shot evaluation with OpenFlamingo's protocol (Awadalla et al. 2023; its open
      for captions, 5 for VQA (10 for TextVQA), stopped at <|endofchunk|>, cut at a following "Question" etc.;
    - classification (HatefulMemes) ranks the class names by mean token log-probability.
    The metrics are in metrics.py (`from eval import cider, vqa_accuracy, roc_auc` works as well).
-3. The shapes world: questions and captions (with blank images too), and the task-by-example curve.
+3. The shapes world: questions and captions (with blank images too), and the task-by-example curve; the
+   moving-shapes world (--task=shapes_video): its questions with the clips and with each clip's first frame only.
 4. The command line: a tqdm bar per run, a table, and a JSON list of records.
 
 One trial, from prompts to metrics (run_trial; the shapes world's functions go the same way):
@@ -50,6 +51,7 @@ import torch
 
 import files
 import shapes
+import shapes_video
 from batching import Skipped, answer, from_rank0, rank_world, start_processes
 from benchmarks import read_task
 from generation import Stepper, left_pad
@@ -62,7 +64,8 @@ lm = ""                       # the LM of a local OpenFlamingo checkpoint.pt (a 
 dtype = "float32"             # of the frozen LM ("bfloat16" halves MPT-7B's 27 GB; run under autocast)
 clip = "ViT-L-14"             # and their CLIP: open_clip name, and tag or local weights file
 clip_pretrained = "openai"
-task = "shapes"               # shapes | coco | flickr30k | vqav2 | okvqa | textvqa | vizwiz | hateful_memes | captions | vqa
+task = "shapes"               # shapes | shapes_video (offline) | coco | flickr30k | vqav2 | okvqa | textvqa | vizwiz
+                              # | hateful_memes | captions | vqa (folders)
 data_dir = ""                 # the task's files: a benchmark's published files, or a folder (captions, vqa)
 shots = ""                    # "": 0,1,2,4,8 for shapes, 0,4,8,16,32 for the others
 num_trials = 1
@@ -296,16 +299,20 @@ def shapes_answers(model, tok, prompts, max_new_tokens=12, num_beams=1, batch_si
 
 
 def eval_questions(model, tok, n, seed, blank=False, kind="question", **generation):
-    """Exact match (%) on n test questions (or captions), optionally with blank images instead. generation:
-    shapes_answers' settings (max_new_tokens, num_beams, batch_size, num_workers)."""
+    """Exact match (%) on n test questions (or captions), optionally with blank images instead; kind "direction" or
+    "count": the moving-shapes world's questions, "blank" then each clip's first frame in all its frames.
+    generation: shapes_answers' settings (max_new_tokens, num_beams, batch_size, num_workers)."""
     prompts, targets = [], []
+    video = kind in shapes_video.QUESTION_TYPES
+    question = kind != "caption"
     for i in range(n):
-        text, images = shapes.shapes_sample("test", seed, i, kind=kind)
+        text, images = (shapes_video.video_sample if video else shapes.shapes_sample)("test", seed, i, kind=kind)
         chunk_text = text[:-len(EOT)]                      # "<image>Question:... Short answer:red<|endofchunk|>"
-        prefix, target = chunk_text.rsplit(":", 1) if kind == "question" else chunk_text.split("Output:", 1)
+        prefix, target = chunk_text.rsplit(":", 1) if question else chunk_text.split("Output:", 1)
         if blank:
-            images = [shapes.blank_image(np.random.default_rng([seed, i]))]
-        prompts.append((prefix + (":" if kind == "question" else "Output:"), images))
+            images = [shapes_video.first_frame_only(images[0]) if video
+                      else shapes.blank_image(np.random.default_rng([seed, i]))]
+        prompts.append((prefix + (":" if question else "Output:"), images))
         targets.append(target[:-len(EOC)])
     preds = shapes_answers(model, tok, prompts, **generation)
     return 100.0 * sum(p == t for p, t in zip(preds, targets)) / n
@@ -329,18 +336,21 @@ def eval_task(model, tok, n, k, seed, blank=False, **generation):
     return 100.0 * right_kind / n, 100.0 * exact / n
 
 
-def run_shapes(model, tok, shot_list, seed, n, max_new_tokens=12, num_beams=1, batch_size=8, num_workers=2):
-    """The shapes measurements of one trial: a list of records (subtask, shots, metrics)."""
+def run_shapes(model, tok, shot_list, seed, n, max_new_tokens=12, num_beams=1, batch_size=8, num_workers=2,
+               video=False):
+    """The shapes measurements of one trial: a list of records (subtask, shots, metrics). video: the moving-shapes
+    world's questions instead, with their clips and with each clip's first frame only ("_blank")."""
     from tqdm import tqdm
     generation = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size,
                       num_workers=num_workers)
     quiet = rank_world()[0] != 0  # one bar, rank 0's
     records = []
-    runs = [(q, b) for q in ("question", "caption") for b in (False, True)]
-    for q, blank in tqdm(runs, desc=f"shapes questions, captions (seed {seed})", disable=quiet):
+    runs = [(q, b) for q in (shapes_video.QUESTION_TYPES if video else ("question", "caption")) for b in (False, True)]
+    label = "clips" if video else "questions, captions"
+    for q, blank in tqdm(runs, desc=f"shapes {label} (seed {seed})", disable=quiet):
         em = eval_questions(model, tok, n, seed, blank, q, **generation)
         records.append({"subtask": q + ("_blank" if blank else ""), "shots": 0, "exact_match": em})
-    for k in tqdm(shot_list, desc=f"shapes task-by-example (seed {seed})", disable=quiet):
+    for k in tqdm([] if video else shot_list, desc=f"shapes task-by-example (seed {seed})", disable=quiet):
         for blank in (False, True):
             rk, em = eval_task(model, tok, n, k, seed, blank, **generation)
             records.append({"subtask": "task" + ("_blank" if blank else ""), "shots": k, "right_kind": rk,
@@ -403,7 +413,7 @@ def main():
     ckpt_path = init_from if init_from.endswith(".pt") else os.path.join(init_from, "ckpt.pt")
     if not openflamingo and not os.path.exists(ckpt_path):
         raise SystemExit(f"error: no checkpoint at {ckpt_path}. Train one first:  python train.py config/train_shapes.py")
-    if task != "shapes" and not data_dir:
+    if task not in ("shapes", "shapes_video") and not data_dir:
         raise SystemExit(f"error: --data_dir is needed for task {task!r} (README, Evaluation)")
     dev = start_processes(device)  # under torchrun: the process group, and cuda:LOCAL_RANK under CUDA
     rank = rank_world()[0]
@@ -422,7 +432,7 @@ def main():
     base = {"task": task, "checkpoint": init_from if openflamingo else os.path.abspath(init_from),
             "demos": "rices" if rices else "random", "settings": dict(
                 num_samples=num_samples, num_beams=num_beams, max_new_tokens=max_new_tokens, dtype=dtype,
-                **({} if task == "shapes" else dict(data_dir=os.path.abspath(data_dir), query_set_size=query_set_size)))}
+                **({} if task.startswith("shapes") else dict(data_dir=os.path.abspath(data_dir), query_set_size=query_set_size)))}
     mine = lambda r: all(r.get(k) == v for k, v in base.items())  # noqa: E731  a record of these settings
 
     def finish(new, shots_seed):
@@ -448,12 +458,12 @@ def main():
     amp = nullcontext() if dtype == "float32" else torch.autocast("cuda" if "cuda" in dev else "cpu",
                                                                   dtype=getattr(torch, dtype))
     with amp:
-        if task == "shapes":
+        if task in ("shapes", "shapes_video"):
             for seed in range(trial_seed, trial_seed + num_trials):
                 if not done(seed=seed):
                     finish([{**r, "n": num_samples or 200} for r in run_shapes(
                         model, tok, shot_list, seed, num_samples or 200, max_new_tokens or 12, num_beams or 1,
-                        batch_size, num_workers)], {"seed": seed})
+                        batch_size, num_workers, video=task == "shapes_video")], {"seed": seed})
         else:
             try:
                 train, test, kind = read_task(task, data_dir)

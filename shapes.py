@@ -221,14 +221,15 @@ def shapes_sample(split, seed, index, kind=None, mix=KIND_MIX, qtype=None, task_
 MAX_PER_ROW = 16  # samples one packed row may hold
 
 
-def packed_sample(split, seed, row, tokenizer, block_size, kind=None, **opts):
+def packed_sample(split, seed, row, tokenizer, block_size, kind=None, sample=None, **opts):
     """Row `row` of a packed batch: consecutive samples row*16, row*16 + 1, ... joined while they fit in
     block_size tokens (at least one, cut if it alone is too long). Packing wastes no compute on padding,
     as nanoGPT packs documents; each sample begins with <image>, so cross-attention never mixes samples
-    (xattn.py), and <|endoftext|> separates them for self-attention. A pure function of (split, seed, row)."""
+    (xattn.py), and <|endoftext|> separates them for self-attention. A pure function of (split, seed, row).
+    sample: the function drawing the samples (shapes_sample; shapes_video.video_sample for clips)."""
     text, images, n = "", [], 0
     for j in range(MAX_PER_ROW):
-        t, ims = shapes_sample(split, seed, row * MAX_PER_ROW + j, kind, **opts)
+        t, ims = (sample or shapes_sample)(split, seed, row * MAX_PER_ROW + j, kind, **opts)
         length = len(tokenizer.encode_markup(t))
         if j > 0 and n + length > block_size:
             break

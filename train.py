@@ -51,7 +51,7 @@ wandb_log = False
 wandb_project = "flamingo"
 wandb_run_name = "run"
 # data
-dataset = "shapes"            # "shapes" (the offline world) or "folder" (data_dir)
+dataset = "shapes"            # "shapes" (the offline world), "shapes_video" (its clips) or "folder" (data_dir)
 data_dir = None               # dataset "folder": a folder (train.jsonl, val.jsonl or test.jsonl), or several: "a,b";
                               # also "shapes" (the shapes world) and tar shards "pairs:GLOB", "docs:GLOB" (LAION, MMC4)
 data_weights = None           # the sources' loss weights, e.g. (0.2, 1.0); None: 1 each
@@ -119,7 +119,7 @@ check(config, at_least=dict(eval_interval=1, log_interval=1, eval_iters=1, batch
                             learning_rate=0, min_lr=0, weight_decay=0, grad_clip=0, gate_lr_mult=0, num_latents=1,
                             resampler_depth=1, resampler_heads=1, xattn_heads=1, cross_attn_every_n_layers=1,
                             max_num_frames=0, train_lm_layers=0, dry_run_world_size=1),
-      choices=dict(dtype=("float32", "bfloat16", "float16"), dataset=("shapes", "folder")),
+      choices=dict(dtype=("float32", "bfloat16", "float16"), dataset=("shapes", "shapes_video", "folder")),
       may_be_none=("lr_decay_iters", "min_lr"))
 lr_decay_iters = lr_decay_iters or max_iters
 min_lr = learning_rate / 10 if min_lr is None else min_lr
@@ -131,7 +131,7 @@ flamingo_options = {f: globals()[f] for f in FlamingoConfig.__dataclass_fields__
 finetune = init_from not in ("scratch", "resume")
 listed = lambda v, cast: [cast(x) for x in (  # noqa: E731  "a,b" (command line), a tuple (config file) or one value
     v.split(",") if isinstance(v, str) else v if isinstance(v, (list, tuple)) else [v])]
-specs = listed(data_dir or [], str) if dataset == "folder" else ["shapes"]  # the data sources, below
+specs = listed(data_dir or [], str) if dataset == "folder" else [dataset]  # the data sources, below
 weights = listed(data_weights, float) if data_weights is not None else [1.0] * len(specs)
 sizes = listed(data_batch_sizes, int) if data_batch_sizes is not None else [batch_size] * len(specs)
 # -----------------------------------------------------------------------------
@@ -256,9 +256,10 @@ say = print if master else (lambda msg: None)  # noqa: E731
 
 
 def open_source(i, spec, weight, bs):
-    if spec == "shapes":  # the offline world; in a mix, fine-tuning that keeps what the model knew
-        train, val = (data.ShapesData(split, data_seed, tok, block_size, mean, std, pack) for split in ("train", "val"))
-        return Source("shapes", weight, train, val, bs)
+    if spec in ("shapes", "shapes_video"):  # the offline worlds; in a mix, fine-tuning that keeps what the model knew
+        train, val = (data.ShapesData(split, data_seed, tok, block_size, mean, std, pack, video=spec == "shapes_video")
+                      for split in ("train", "val"))
+        return Source(spec, weight, train, val, bs)
     if spec.startswith(("pairs:", "docs:")):  # tar shards: a stream per rank
         kind, pattern = spec.split(":", 1)
         try:
