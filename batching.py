@@ -9,12 +9,14 @@ the order of its <image> tokens), then hands the list here with a function that 
    of torch.distributed is used. The split changes no answer: a prompt is answered as it would be alone;
 2. the images: a torch DataLoader decodes each prompt's images in worker processes (num_workers; 0 decodes in this
    one), batch_size prompts at a time, running ahead of the model. Image files go through CLIP's evaluation
-   preprocessing (the tower's transform), the shapes world's uint8 arrays through data.normalize. An image that
-   cannot be read (missing, truncated, a decompression bomb) makes its prompt a Skipped, which eval.py counts, and
-   the rest of the batch is answered;
-3. the model: the batch's readable prompts and all their images, (N, 1, 3, H, W), go to `fn` at once.
+   preprocessing (the tower's transform), video files (MSVD-QA's, MSRVTT-QA's) frame by frame after video.py reads
+   them, the shapes worlds' uint8 arrays through data.normalize. An image or video that cannot be read (missing,
+   truncated, a decompression bomb) makes its prompt a Skipped, which eval.py counts, and the rest of the batch is
+   answered;
+3. the model: the batch's readable prompts and all their media, (N, F, 3, H, W), go to `fn` at once.
 
-Shapes: B prompts in a batch, N the images of all of them, H x W the tower's input size.
+Shapes: B prompts in a batch, N the media items of all of them, F frames each (1 for an image), H x W the tower's
+input size.
 """
 
 import os
@@ -25,6 +27,7 @@ import torch.distributed as dist
 
 import data
 import files
+import video
 
 
 class Skipped(str):
@@ -120,6 +123,8 @@ class PromptImages(torch.utils.data.Dataset):
             if tuple(frames.shape[1:3]) == self.size:
                 return data.normalize(frames, self.mean, self.std)
             return torch.stack([self.transform(Image.fromarray(f)) for f in frames])
+        if video.is_video(image):  # a clip: its frames at 1 FPS, at most 8 (video.py)
+            return torch.stack([self.transform(f) for f in video.read_frames(image)])
         with Image.open(image) as im:
             return self.transform(im.convert("RGB"))[None]  # VisionEncoder.preprocess, without the tower itself
 

@@ -2,8 +2,8 @@
 The evaluation tasks' files, read into lists of examples: the benchmarks OpenFlamingo evaluates on, from their
 published annotation files (`python download.py NAME` fetches the public ones), and your own folders.
 
-An example is a dict: id, image (a path), and captions; or question and answers; or text (the meme's words) and
-label (0/1). read_task returns (train, test, kind): the demonstration pool, the test set, and "captions", "vqa" or
+An example is a dict: id, image (the path of an image, or of a video: MSVD-QA, MSRVTT-QA), and captions; or question
+and answers; or text (the meme's words) and label (0/1). read_task returns (train, test, kind): the demonstration pool, the test set, and "captions", "vqa" or
 "classification". A file that is not what its benchmark publishes is a ValueError naming it (never a traceback
 from deep inside, nor a RecursionError: JSON is read with files.loads).
 """
@@ -53,6 +53,28 @@ def read_vqa_pair(root, questions, annotations, image, benchmark):
              "answers": answers[q["question_id"]]} for q in load_json(root, questions, benchmark)["questions"]]
 
 
+def read_video_qa(root, name, split):
+    """MSVD-QA or MSRVTT-QA in the layout their authors publish (Xu et al. 2017): {split}_qa.json, a list of
+    {"id", "question", "answer", "video_id"}. MSVD-QA's clips are named by youtube_mapping.txt (lines "<YouTube name>
+    vid<N>"): YouTubeClips/<YouTube name>.avi; MSRVTT-QA's are video<N>.mp4 in TrainValVideo/ and TestVideo/ (MSR-VTT's
+    own folders). Either may also sit in video/ or next to the files. A missing clip is skipped when eval reads it."""
+    if name == "msvdqa":
+        with open(find_file(root, "youtube_mapping.txt", name), encoding="utf-8") as f:
+            names = {vid: clip for clip, vid in (line.split() for line in f if line.strip())}
+        folders_, file = ("YouTubeClips", "video", ""), lambda i: f"{names.get(f'vid{i}', f'vid{i}')}.avi"
+    else:
+        folders_, file = ("TestVideo", "TrainValVideo", "video", ""), lambda i: f"video{i}.mp4"
+
+    def path(i):
+        tries = [os.path.join(root, d, file(i)) for d in folders_]
+        return next((t for t in tries if os.path.isfile(t)), tries[0])
+    try:
+        return [{"id": d["id"], "image": path(d["video_id"]), "question": d["question"], "answers": [str(d["answer"])]}
+                for d in load_json(root, f"{split}_qa.json", name)]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{name}'s {split}_qa.json: not a list of {{id, question, answer, video_id}} ({e!r})") from None
+
+
 def read_task(name, root):
     """(train, test) examples of a task, with the kind: "captions", "vqa" or "classification"."""
     if name in ("captions", "vqa"):  # a folder of your own (README, "Your own data")
@@ -76,6 +98,8 @@ def read_task(name, root):
                    "answers": [a["answer"] for a in d["answers"]]} for d in load_json(root, f"{s}.json", name)]
                  for s in ("train", "val")]
         return (*split, "vqa")
+    if name in ("msvdqa", "msrvttqa"):  # videos, open-ended answers; the test split scored, as Flamingo
+        return read_video_qa(root, name, "train"), read_video_qa(root, name, "test"), "vqa"
     if name == "hateful_memes":  # train.jsonl; the test set is test_seen.jsonl when present, else dev_seen.jsonl
         def lines(file):
             out, path = [], find_file(root, file, name)
@@ -90,5 +114,5 @@ def read_task(name, root):
             return out
         test_file = "test_seen.jsonl" if os.path.exists(os.path.join(root, "test_seen.jsonl")) else "dev_seen.jsonl"
         return lines("train.jsonl"), lines(test_file), "classification"
-    raise ValueError(f"unknown task {name!r}; known: shapes, coco, flickr30k, vqav2, okvqa, textvqa, vizwiz, "
-                     "hateful_memes, captions, vqa")
+    raise ValueError(f"unknown task {name!r}; known: shapes, shapes_video, coco, flickr30k, vqav2, okvqa, textvqa, "
+                     "vizwiz, msvdqa, msrvttqa, hateful_memes, captions, vqa")

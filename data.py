@@ -23,6 +23,7 @@ import torch
 
 import shapes
 import shapes_video
+import video
 
 # -----------------------------------------------------------------------------
 # 1. Labels
@@ -61,14 +62,21 @@ def normalize(pixels, mean=CLIP_MEAN, std=CLIP_STD):
 
 
 def load_image(data, size):
-    """Encoded image bytes -> uint8 (size, size, 3) RGB, as CLIP preprocesses: the shorter side resized to
-    `size` (bicubic), then the centre cropped. ValueError when PIL cannot decode the bytes."""
+    """Encoded image bytes -> uint8 (size, size, 3) RGB, as CLIP preprocesses (square_crop). ValueError when PIL
+    cannot decode the bytes."""
     import io
     from PIL import Image
     try:
         img = Image.open(io.BytesIO(data)).convert("RGB")  # decodes: a broken or truncated file fails here
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad bytes
         raise ValueError(f"cannot decode image ({type(e).__name__})") from None
+    return square_crop(img, size)
+
+
+def square_crop(img, size):
+    """A PIL RGB image -> uint8 (size, size, 3), as CLIP preprocesses: the shorter side resized to `size` (bicubic),
+    then the centre cropped."""
+    from PIL import Image
     w, h = img.size
     w, h = max(size, round(w * size / min(w, h))), max(size, round(h * size / min(w, h)))
     img = img.resize((w, h), Image.BICUBIC)
@@ -77,18 +85,25 @@ def load_image(data, size):
 
 
 def load_image_file(path, size):
-    """load_image() on the bytes of the file at `path` (OSError when it cannot be read)."""
+    """load_image() on the bytes of the file at `path` (OSError when it cannot be read); a video file (by its
+    extension, video.is_video): its frames (F, size, size, 3), read by video.py at 1 FPS, at most 8, each one treated
+    as load_image treats an image (ValueError when it cannot be read)."""
+    if video.is_video(path):
+        return np.stack([square_crop(frame, size) for frame in video.read_frames(path)])
     with open(path, "rb") as f:
         return load_image(f.read(), size)
 
 
 def decode_error(path):
-    """None when the image file at `path` decodes, else why not ("cannot be decoded (OSError)")."""
+    """None when the image (or video) file at `path` decodes, else why not ("cannot be decoded (OSError)")."""
     from PIL import Image
     try:
+        if video.is_video(path):
+            video.read_frames(path)
+            return None
         with Image.open(path) as im:
             im.load()  # decodes the whole file: a truncated or broken one fails here, not mid-run
-    except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError, ...
+    except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError, VideoError, ...
         return f"cannot be decoded ({type(e).__name__})"
     return None
 

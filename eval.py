@@ -55,7 +55,7 @@ import shapes_video
 from batching import Skipped, answer, from_rank0, rank_world, start_processes
 from benchmarks import read_task
 from generation import Stepper, left_pad
-from metrics import cider, exact_match, ptb_tokenize, roc_auc, vqa_accuracy  # noqa: F401 (importable from here)
+from metrics import cider, exact_match, ptb_tokenize, roc_auc, vqa_accuracy, vqa_normalize  # noqa: F401 (importable)
 from tokenizer import CAPTION, EOC, EOT, VQA, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -65,7 +65,7 @@ dtype = "float32"             # of the frozen LM ("bfloat16" halves MPT-7B's 27 
 clip = "ViT-L-14"             # and their CLIP: open_clip name, and tag or local weights file
 clip_pretrained = "openai"
 task = "shapes"               # shapes | shapes_video (offline) | coco | flickr30k | vqav2 | okvqa | textvqa | vizwiz
-                              # | hateful_memes | captions | vqa (folders)
+                              # | msvdqa | msrvttqa (videos) | hateful_memes | captions | vqa (folders)
 data_dir = ""                 # the task's files: a benchmark's published files, or a folder (captions, vqa)
 shots = ""                    # "": 0,1,2,4,8 for shapes, 0,4,8,16,32 for the others
 num_trials = 1
@@ -160,8 +160,10 @@ def image_features(model, examples, cache_dir, label, model_id="", batch_size=64
 
 
 def image_features_of(model, x):
-    """(n, 1, 3, H, W) images -> (n, D): the encoder's tokens averaged over the grid, L2-normalised."""
-    return torch.nn.functional.normalize(model.vision(x[:, 0]).float().mean(1), dim=-1).cpu()
+    """(n, F, 3, H, W) media (or n of (F_i, 3, H, W)) -> (n, D): the encoder's tokens of each one's first frame (an
+    image's only one) averaged over the grid, L2-normalised."""
+    first = torch.stack([m[0] for m in x]) if isinstance(x, list) else x[:, 0]  # (n, 3, H, W)
+    return torch.nn.functional.normalize(model.vision(first).float().mean(1), dim=-1).cpu()
 
 
 def rices_demos(train_feats, query_feat, k):
@@ -262,9 +264,9 @@ def run_trial(model, tok, kind, train, test, k, seed, rices_feats=None, num_samp
             exact.append(exact_match(a, query["captions"]))
             refs[i] = [ptb_tokenize(c) for c in query["captions"]]
             cands[i] = ptb_tokenize(a)
-        else:
-            exact.append(exact_match(a, query["answers"]))
-            scores.append(vqa_accuracy(a, query["answers"]))
+        else:  # normalised as VQA's evaluation does; VQA accuracy where there are several human answers
+            exact.append(exact_match(vqa_normalize(a), [vqa_normalize(r) for r in query["answers"]]))
+            scores += [vqa_accuracy(a, query["answers"])] if len(query["answers"]) > 1 else []
     out = {"n": len(exact), "skipped": dict(skipped)}
     if skipped and rank_world()[0] == 0:
         print(f"skipped: {dict(skipped)}", file=sys.stderr)
@@ -272,7 +274,7 @@ def run_trial(model, tok, kind, train, test, k, seed, rices_feats=None, num_samp
         return out
     if kind == "captions":
         out["cider"] = cider(refs, cands)
-    elif kind == "vqa":
+    elif kind == "vqa" and scores:  # (one answer a question, as in MSVD-QA: exact match only, as Flamingo reports)
         out["vqa_accuracy"] = 100.0 * float(np.mean(scores))
     else:
         out["roc_auc"] = 100.0 * roc_auc(labels, probs) if 0 < sum(labels) < len(labels) else None

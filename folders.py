@@ -7,9 +7,12 @@ paths relative to the folder:
     {"image": "a.jpg", "question": "what color?", "answers": ["red"]}      a question line
     {"chunks": [{"text": "..."}, {"image": "a.jpg"}, {"text": "..."}]}    an interleaved document (training only)
 
+A caption or question line may have "video": "clips/0001.mp4" instead of "image": a media item of its frames (at
+1 FPS, at most 8: video.py), in the same place of the prompt.
+
 1. read_folder: the lines, each bad one a counted skip with its file and line number.
 2. FolderData: training rows from them, in OpenFlamingo's prompt formats, a source for train.py (data.Batch).
-3. FeatureCache: the frozen tower's output for a folder's images, computed once and kept on disk.
+3. FeatureCache: the frozen tower's output for a folder's images (and videos' frames), computed once, kept on disk.
 """
 
 import json
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 import files
+import video
 from data import CLIP_MEAN, CLIP_STD, batch_indices, collate, decode_error, load_image_file, normalize, \
     trim_dangling_images
 from tokenizer import CAPTION, VQA
@@ -29,21 +33,22 @@ from tokenizer import CAPTION, VQA
 
 
 def folder_image(folder, name, check=False):
-    """The absolute path of image `name` of a dataset folder; ValueError when it is absolute, leaves the folder
+    """The absolute path of image (or video) `name` of a dataset folder; ValueError when it is absolute, leaves the folder
     (by "..", or by a symbolic link whose target is outside it), is missing, or (check=True) cannot be decoded."""
     if not isinstance(name, str) or not name:
         raise ValueError("no image path")
+    what = "video" if video.is_video(name) else "image"
     if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
-        raise ValueError(f"image path {name!r} leaves the folder")
+        raise ValueError(f"{what} path {name!r} leaves the folder")
     path = os.path.join(os.path.abspath(folder), os.path.normpath(name))
     if not os.path.isfile(path):
-        raise ValueError(f"image {name!r} not found")
+        raise ValueError(f"{what} {name!r} not found")
     root = os.path.realpath(folder)
     if os.path.commonpath([root, os.path.realpath(path)]) != root:  # a link (of the file or a folder on its way)
-        raise ValueError(f"image {name!r} links to a file outside the folder")
+        raise ValueError(f"{what} {name!r} links to a file outside the folder")
     why = check and decode_error(path)
     if why:
-        raise ValueError(f"image {name!r} {why}")
+        raise ValueError(f"{what} {name!r} {why}")
     return path
 
 
@@ -85,7 +90,7 @@ def read_folder(folder, split="train", kind=None, log=print, check_images=False)
     """
     The examples of `folder/{split}.jsonl`, one JSON object per line, image paths relative to the folder:
       captions  {"image": "a.jpg", "captions": ["a red circle", ...]}      (a single string is accepted)
-      vqa       {"image": "a.jpg", "question": "what color?", "answers": ["red", ...]}
+      vqa       {"image": "a.jpg", "question": "what color?", "answers": ["red", ...]}   ("video": "a.mp4" as well)
       docs      {"chunks": [{"text": "..."}, {"image": "a.jpg"}, {"text": "..."}, ...]}   (training only)
     -> a list of dicts: id ("{split}:{line}" unless the line has an "id"), kind, line, and image (absolute path) with
     captions, or question and answers, or chunks (doc_chunks). `kind` (or a tuple of kinds) keeps those lines
@@ -118,8 +123,8 @@ def read_folder(folder, split="train", kind=None, log=print, check_images=False)
             ex = {"id": d.get("id", f"{split}:{n}"), "kind": line_kind, "line": n}
             if line_kind == "docs":
                 ex["chunks"] = doc_chunks(folder, d["chunks"], check_images)
-            else:
-                ex["image"] = folder_image(folder, d.get("image"), check_images)
+            else:  # an image, or a video (its path, as an image's: data.load_image_file reads either)
+                ex["image"] = folder_image(folder, d.get("image", d.get("video")), check_images)
             if line_kind == "vqa":
                 ex["question"] = texts(d["question"], "question")[0]
                 ex["answers"] = texts(d.get("answers", d.get("answer")), "answers")
@@ -303,55 +308,67 @@ def open_folder(folder, tokenizer, block_size, image_size, seed=0, log=print, me
 
 class FeatureCache:
     """
-    The frozen vision tower's output for a set of image files, computed once and kept on disk, so that later
-    epochs, and later runs, skip the tower (with a frozen tower and no augmentation its output never changes).
-    `path` is an .npy file read as a memmap, (n_images, S, D), next to `path`.json naming the images and the
-    tower (`key`); a cache that does not match both is computed again. Written atomically (a .part file, then
-    a rename). encode: a function (n, 3, H, W) normalised pixels -> (n, S, D) features.
+    The frozen vision tower's output for a set of image (and video) files, computed once and kept on disk, so that
+    later epochs, and later runs, skip the tower (with a frozen tower and no augmentation its output never changes).
+    `path` is an .npy file read as a memmap, (frames, S, D): one row per image, F rows per video (its frames in
+    order), next to `path`.json naming the files, their frame counts and the tower (`key`); a cache that does not
+    match is computed again. Written atomically (a .part file, then a rename). encode: a function (n, 3, H, W)
+    normalised pixels -> (n, S, D) features.
     """
 
     def __init__(self, path, image_paths, encode, image_size, key, mean=CLIP_MEAN, std=CLIP_STD, batch_size=32,
                  dtype=np.float32, log=print):
         from tqdm import tqdm
-        self.index = {p: i for i, p in enumerate(sorted(set(image_paths)))}
-        meta = {"key": key, "images": list(self.index)}
+        paths = sorted(set(image_paths))
+        if not paths:
+            raise ValueError("no images to compute features of")
         if os.path.exists(path) and os.path.exists(path + ".json"):
             with open(path + ".json", "rb") as f:
                 try:
-                    same = files.loads(f.read()) == meta
+                    meta = files.loads(f.read())
                 except ValueError:  # torn or not ours: computed again
-                    same = False
-                if same:
-                    self.array = np.load(path, mmap_mode="r")
-                    log(f"vision features of {len(self.index)} images: {path} (cached)")
-                    return
-        paths, out = list(self.index), None
-        if not paths:
-            raise ValueError("no images to compute features of")
+                    meta = None
+            if isinstance(meta, dict) and meta.get("key") == key and meta.get("images") == paths:
+                self.array = np.load(path, mmap_mode="r")
+                self.set_index(paths, meta["frames"])
+                log(f"vision features of {len(paths)} images: {path} (cached)")
+                return
+        # each file's frames first (a video's from its headers: video.read_frames(count_only=True)), so that the
+        # array has its final size from the start
+        frames = [video.read_frames(p, count_only=True) if video.is_video(p) else 1 for p in paths]
+        out, row = None, 0
         for i in tqdm(range(0, len(paths), batch_size), desc="vision features (once)"):
-            x = normalize([load_image_file(p, image_size) for p in paths[i:i + batch_size]], mean, std)  # (n, 3, H, W)
+            media = [load_image_file(p, image_size) for p in paths[i:i + batch_size]]      # (H, W, 3) or (F, H, W, 3)
+            x = normalize([f for m in media for f in (m[None] if m.ndim == 3 else m)], mean, std)  # (n, 3, H, W)
             with torch.no_grad():
                 feats = encode(x).float().cpu().numpy()                                          # (n, S, D)
             if out is None:
                 out = np.lib.format.open_memmap(path + ".part", mode="w+", dtype=dtype,
-                                                shape=(len(paths), *feats.shape[1:]))
+                                                shape=(sum(frames), *feats.shape[1:]))
                 if hasattr(os, "posix_fallocate"):  # the disk space now: a full disk is an OSError here, not a
                     with open(path + ".part", "r+b") as f:  # SIGBUS when a page of the (sparse) map is written
                         os.posix_fallocate(f.fileno(), 0, os.path.getsize(path + ".part"))
-            out[i:i + len(feats)] = feats
+            out[row:row + len(feats)] = feats
+            row += len(feats)
         out.flush()
         del out
         os.replace(path + ".part", path)
         with open(path + ".json.part", "w") as f:
-            json.dump(meta, f)
+            json.dump({"key": key, "images": paths, "frames": frames}, f)
         os.replace(path + ".json.part", path + ".json")
         self.array = np.load(path, mmap_mode="r")
+        self.set_index(paths, frames)
         log(f"vision features of {len(paths)} images: {path} ({self.array.nbytes / 1e6:.0f} MB)")
 
+    def set_index(self, paths, frames):
+        starts = np.concatenate([[0], np.cumsum(frames)[:-1]]).astype(int).tolist()
+        self.index = {p: (s, f) for p, s, f in zip(paths, starts, frames)}  # path -> (first row, frames)
+
     def lookup(self, paths):
-        """Image paths -> their features, (N, 1, S, D) float32 (one frame each)."""
-        rows = [self.index[p] for p in paths]
-        return torch.from_numpy(np.ascontiguousarray(self.array[rows])).float().unsqueeze(1)
+        """Files' paths -> their features: (N, F, S, D) float32, or a list of (F_i, S, D) where frame counts differ."""
+        feats = [torch.from_numpy(np.ascontiguousarray(self.array[s:s + f])).float()
+                 for s, f in (self.index[p] for p in paths)]
+        return torch.stack(feats) if len({len(x) for x in feats}) == 1 else feats
 
 
 def share_feature_cache(readers, path, encode, image_size, key, mean=CLIP_MEAN, std=CLIP_STD, dtype=np.float32,

@@ -287,7 +287,7 @@ if cache_vision_features and folder_rows:
         sys.exit("cache_vision_features needs a frozen vision tower (freeze_vision=True)")
     fingerprint = sum(p.double().sum().item() for p in model.vision.parameters())  # which weights
     key = f"{model.config.clip}|{model.config.clip_pretrained}|{model.config.vision_ln_post}|" \
-          f"{model.config.vision_stage}|{size}|{fingerprint:.9e}"
+          f"{model.config.vision_stage}|{model.config.vision_class_token}|{size}|{fingerprint:.9e}"
     try:
         folders.share_feature_cache(folder_rows, os.path.join(out_dir, "vision_features.npy"),
                                     lambda x: model.vision(x.to(device)), size, key, mean, std,

@@ -8,10 +8,18 @@ Decoding is PyAV's (Python bindings of FFmpeg's libraries, which its wheels bund
 nothing else to install). torchcodec, the other well-kept choice, needs FFmpeg's libraries installed on the machine and
 a release matched to the installed torch.
 
-read_frames(path, fps, max_frames) -> the sampled frames as PIL images; frame_times says which ones.
+read_frames(path, fps, max_frames) -> the sampled frames as PIL images; frame_times says which ones. A file is taken
+for a video by its extension (is_video); datasets and eval read theirs at FPS, at most MAX_FRAMES.
 """
 
 import math
+
+EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
+FPS, MAX_FRAMES = 1.0, 8  # the paper's rate, and its training clips' length
+
+
+def is_video(path):
+    return str(path).lower().endswith(EXTENSIONS)
 
 
 class VideoError(ValueError):
@@ -30,9 +38,10 @@ def frame_times(duration, fps=1.0, max_frames=8):
     return [(k + 0.5) * duration / max_frames for k in range(max_frames)]
 
 
-def read_frames(path, fps=1.0, max_frames=8):
+def read_frames(path, fps=FPS, max_frames=MAX_FRAMES, count_only=False):
     """A video file -> its frames at frame_times(duration, fps, max_frames), as RGB PIL images: at each time, the frame
-    on screen then (the last one that starts at or before it). VideoError with the reason when it cannot be read."""
+    on screen then (the last one that starts at or before it). VideoError with the reason when it cannot be read.
+    count_only: how many frames that is, from the file's headers alone where they tell the clip's length."""
     import av
     try:
         with av.open(str(path)) as container:
@@ -48,6 +57,8 @@ def read_frames(path, fps=1.0, max_frames=8):
                 rate = float(stream.average_rate or 1)
                 times = frame_times(starts[-1] + 1 / rate, fps, max_frames)
                 container.seek(0)
+            if count_only:
+                return len(times)
             chosen, k, shown = [], 0, None  # the decoded frames chosen, one per time; the frame on screen so far
             for frame in container.decode(stream):
                 t = float(frame.time or 0.0)

@@ -103,11 +103,22 @@ def test_shapes_before_stage_1(tmp_path):
     assert before["trained_params"] > before["total_params"] / 2  # tiny stand-ins: the trained parts dominate
 
 
+def test_shapes_video(tmp_path):
+    """The moving-shapes world's config: the image world's model with time embeddings for 4 frames, 3 more than the
+    image model's one, as wide as the tower's features; nothing made."""
+    missing = tmp_path / "not-yet" / "lm"
+    video, out, _ = dry_run("config/train_shapes_video.py", f"--lm={missing}")
+    image, _, _ = dry_run("config/train_shapes.py", f"--lm={missing}")
+    extra = video["trained_params"] - image["trained_params"]
+    assert video["total_params"] - image["total_params"] == extra and extra > 0 and extra % 3 == 0
+    assert not (tmp_path / "not-yet").exists()
+
+
 def test_every_config_has_a_dry_run():
     # finetune_folder.py's dry run needs a checkpoint: tests/test_folder_train.py writes one and runs it
-    assert sorted(os.listdir(os.path.join(ROOT, "config"))) == ["9b.py", "clip", "finetune_folder.py", "tokenizer",
-                                                                "train_coco_tiny.py", "train_shapes.py"], \
-        "a new config: add a dry run here"
+    assert sorted(os.listdir(os.path.join(ROOT, "config"))) == [
+        "9b.py", "clip", "finetune_folder.py", "tokenizer", "train_coco_tiny.py", "train_shapes.py",
+        "train_shapes_video.py"], "a new config: add a dry run here"
 
 
 # -----------------------------------------------------------------------------

@@ -99,3 +99,28 @@ def test_train_and_evaluate_on_clips(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     subtasks = {r["subtask"] for r in json.loads((tmp_path / "r.json").read_text())}
     assert subtasks == {"direction", "direction_blank", "count", "count_blank"}
+
+
+def test_a_folder_of_clips_trains_and_evaluates(tmp_path):
+    """A dataset folder whose lines have "video" (shapes_video.write_folder's mp4 clips): train.py reads it with the
+    frozen tower's features cached (one row per frame) or not, to the same loss; an unreadable clip is a counted skip;
+    eval.py --task=vqa answers its test questions."""
+    assets = make_assets(str(tmp_path))
+    root = sv.write_folder(str(tmp_path / "moving"), n_train=6, n_test=3)
+    (tmp_path / "moving" / "clips" / "train_00005.mp4").write_bytes(b"not a video")
+    losses = []
+    for cache in (True, False):
+        out = str(tmp_path / f"out-{cache}")
+        records = run_train(out, *SMALL, *assets, "--dataset=folder", f"--data_dir={root}", "--max_num_frames=4",
+                            "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--tokenizer=bytes",
+                            f"--cache_vision_features={cache}", "--batch_size=2")
+        losses.append([r["loss"] for r in records if "loss" in r])
+        stdout = open(f"{out}/stdout.txt").read()
+        assert "skipped: video 'clips/train_00005.mp4' cannot be decoded (VideoError)" in stdout, stdout[-2000:]
+    assert np.allclose(losses[0], losses[1], rtol=1e-4), losses
+    p = subprocess.run([sys.executable, "eval.py", f"--init_from={tmp_path / 'out-True'}", "--task=vqa",
+                        f"--data_dir={root}", "--shots=0,2", f"--results={tmp_path / 'r.json'}", "--num_workers=0"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for r in json.loads((tmp_path / "r.json").read_text()):  # a prompt with the unreadable clip: a counted skip
+        assert r["n"] + sum(r["skipped"].values()) == 3 and set(r["skipped"]) <= {"unreadable image (VideoError)"}

@@ -2,6 +2,8 @@
 each frame a flat gray whose level tells its index; frames sampled at 1 FPS (the paper's rate), at another rate, and
 spread evenly over a clip longer than max_frames; unreadable files are a VideoError naming them."""
 
+import os
+
 import av
 import numpy as np
 import pytest
@@ -11,14 +13,15 @@ import video
 CODECS = {"mp4": "libx264", "webm": "libvpx-vp9", "avi": "mpeg4", "mkv": "libx264"}
 
 
-def write_video(path, n_frames, rate, codec, size=32, level=lambda i: 20 * i + 10):
-    """n_frames frames at `rate` frames per second, frame i a flat gray of level(i)."""
+def write_video(path, n_frames, rate, codec, size=32, level=lambda i: 20 * i + 10, frames=None):
+    """n_frames frames at `rate` frames per second, frame i a flat gray of level(i); or the given frames (F, H, W, 3)."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=rate)
-        stream.width = stream.height = size
+        stream.width = stream.height = size if frames is None else frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), level(i), np.uint8), format="rgb24")
+        for i in range(n_frames if frames is None else len(frames)):
+            pixels = np.full((size, size, 3), level(i), np.uint8) if frames is None else frames[i]
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
@@ -125,3 +128,66 @@ def test_sample_refuses_what_cannot_work(checkpoints, tmp_path):
     assert_clean_failure(*run_sample(f"--init_from={videos}", "--video", str(tmp_path / "bad.mp4")),
                          "cannot read video", "bad.mp4")
     assert_clean_failure(*run_sample(f"--init_from={videos}", "--video", str(tmp_path / "none.mp4")), "not found")
+
+
+# -----------------------------------------------------------------------------
+# eval.py --task=msvdqa / msrvttqa, on fixtures in the layouts their authors publish
+
+
+def video_qa_fixture(root, task):
+    """MSVD-QA: youtube_mapping.txt, YouTubeClips/<YouTube name>.avi; MSRVTT-QA: TrainValVideo/ and TestVideo/
+    video<N>.mp4; both {train,val,test}_qa.json. One test question's clip is missing."""
+    import json
+
+    import shapes
+    import shapes_video as sv
+    root.mkdir()
+    splits = {"train": range(0, 6), "val": range(6, 8), "test": range(8, 13)}
+    if task == "msvdqa":
+        (root / "YouTubeClips").mkdir()
+        (root / "youtube_mapping.txt").write_text("".join(f"yt{i}_{i}_{i + 5} vid{i + 1}\n" for i in range(13)))
+        clip_path = lambda i: root / "YouTubeClips" / f"yt{i}_{i}_{i + 5}.avi"  # noqa: E731
+    else:
+        for d in ("TrainValVideo", "TestVideo"):
+            (root / d).mkdir()
+        clip_path = lambda i: root / ("TestVideo" if i >= 8 else "TrainValVideo") / f"video{i}.mp4"  # noqa: E731
+    for split, ids in splits.items():
+        qa = []
+        for i in ids:
+            clip, direction = sv.motion_clip(shapes.sample_rng("train", 5, i))
+            o = clip["objects"][0]
+            if i != 12:  # the last test question's clip is missing
+                frames = sv.render_clip(clip, shapes.sample_rng("train", 5, i))
+                if task == "msvdqa":  # MSVD's clips are AVI files
+                    write_video(clip_path(i), 0, 1, "mpeg4", frames=frames)
+                else:
+                    sv.write_clip(clip_path(i), frames)
+            qa.append({"answer": direction, "id": 100 + i, "question": f"which way does the {o['color']} "
+                       f"{o['shape']} move", "video_id": i + 1 if task == "msvdqa" else i})
+        (root / f"{split}_qa.json").write_text(json.dumps(qa))
+    return root
+
+
+@pytest.mark.parametrize("task", ["msvdqa", "msrvttqa"])
+def test_video_qa_benchmarks(checkpoints, tmp_path, task):
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks import read_task
+    from test_sample import ENV, ROOT
+    root = video_qa_fixture(tmp_path / task, task)
+    train, test, kind = read_task(task, str(root))
+    assert kind == "vqa" and len(train) == 6 and len(test) == 5 and test[0]["answers"] in (["left"], ["right"],
+                                                                                           ["up"], ["down"])
+    assert all(os.path.isfile(e["image"]) for e in train + test[:4]) and not os.path.exists(test[4]["image"])
+    _, videos, _, _ = checkpoints
+    p = subprocess.run([sys.executable, "eval.py", f"--init_from={videos}", f"--task={task}", f"--data_dir={root}",
+                        "--shots=0,2", f"--results={tmp_path / 'r.json'}", "--num_workers=0", "--batch_size=2"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    records = json.loads((tmp_path / "r.json").read_text())
+    assert [r["shots"] for r in records] == [0, 2]
+    for r in records:  # the missing clip: a counted skip; one answer a question: exact match, no VQA accuracy
+        assert r["n"] == 4 and r["skipped"] == {"unreadable image (VideoError)": 1}, r
+        assert "exact_match" in r and "vqa_accuracy" not in r and len(r["predictions"]) == 4
