@@ -67,7 +67,7 @@ clip_pretrained = "openai"
 task = "shapes"               # shapes | shapes_video (offline) | coco | flickr30k | vqav2 | okvqa | textvqa | vizwiz
                               # | msvdqa | msrvttqa (videos) | hateful_memes | captions | vqa (folders)
 data_dir = ""                 # the task's files: a benchmark's published files, or a folder (captions, vqa)
-shots = ""                    # "": 0,1,2,4,8 for shapes, 0,4,8,16,32 for the others
+shots = ""                    # "": 0,1,2,4,8 for shapes, 0,1,2,4 for shapes_video, 0,4,8,16,32 for the others
 num_trials = 1
 trial_seed = 42               # trial t draws its test subset and demonstrations with seed trial_seed + t
 num_samples = None            # test examples per trial (None: 200 for shapes, all for the others)
@@ -289,7 +289,7 @@ def run_trial(model, tok, kind, train, test, k, seed, rices_feats=None, num_samp
 # 3. The shapes world, on held-out test scenes
 
 KIND_WORDS = {"color": set(shapes.COLORS), "shape": set(shapes.SHAPES), "size": set(shapes.SIZES),
-              "position": set(shapes.POSITIONS)}
+              "position": set(shapes.POSITIONS), "direction": set(shapes_video.DIRECTIONS)}
 
 
 def shapes_answers(model, tok, prompts, max_new_tokens=12, num_beams=1, batch_size=8, num_workers=2):
@@ -320,15 +320,19 @@ def eval_questions(model, tok, n, seed, blank=False, kind="question", **generati
     return 100.0 * sum(p == t for p, t in zip(preds, targets)) / n
 
 
-def eval_task(model, tok, n, k, seed, blank=False, **generation):
-    """Task-by-example with k demonstrations: (% answers of the right kind, % exact match)."""
+def eval_task(model, tok, n, k, seed, blank=False, video=False, **generation):
+    """Task-by-example with k demonstrations: (% answers of the right kind, % exact match). video: the moving-shapes
+    world's, "blank" then every clip's frames its first."""
     prompts, targets, kinds = [], [], []
+    world = shapes_video if video else shapes
     for i in range(n):
-        kind = shapes.TASK_KINDS[i % len(shapes.TASK_KINDS)]  # the kinds in turn, so each gets n / 4 prompts
-        text, images = shapes.shapes_sample("test", seed + 1, i, kind="task", task_kind=kind, n_chunks=k + 1)
+        kind = world.TASK_KINDS[i % len(world.TASK_KINDS)]  # the kinds in turn, so each gets an equal share
+        text, images = (shapes_video.video_sample if video else shapes.shapes_sample)(
+            "test", seed + 1, i, kind="task", task_kind=kind, n_chunks=k + 1)
         chunks = text[:-len(EOT)].split(EOC)[:-1]
         if blank:
-            images = [shapes.blank_image(np.random.default_rng([seed, i, j])) for j in range(len(images))]
+            images = [shapes_video.first_frame_only(x) if video else
+                      shapes.blank_image(np.random.default_rng([seed, i, j])) for j, x in enumerate(images)]
         prompts.append((EOC.join(chunks[:-1] + ["<image>Output:"]) if k else "<image>Output:", images))
         targets.append(chunks[-1].split("Output:", 1)[1])
         kinds.append(kind)
@@ -341,7 +345,7 @@ def eval_task(model, tok, n, k, seed, blank=False, **generation):
 def run_shapes(model, tok, shot_list, seed, n, max_new_tokens=12, num_beams=1, batch_size=8, num_workers=2,
                video=False):
     """The shapes measurements of one trial: a list of records (subtask, shots, metrics). video: the moving-shapes
-    world's questions instead, with their clips and with each clip's first frame only ("_blank")."""
+    world's questions and task-by-example instead, with their clips and with each clip's first frame only ("_blank")."""
     from tqdm import tqdm
     generation = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size,
                       num_workers=num_workers)
@@ -352,9 +356,9 @@ def run_shapes(model, tok, shot_list, seed, n, max_new_tokens=12, num_beams=1, b
     for q, blank in tqdm(runs, desc=f"shapes {label} (seed {seed})", disable=quiet):
         em = eval_questions(model, tok, n, seed, blank, q, **generation)
         records.append({"subtask": q + ("_blank" if blank else ""), "shots": 0, "exact_match": em})
-    for k in tqdm([] if video else shot_list, desc=f"shapes task-by-example (seed {seed})", disable=quiet):
+    for k in tqdm(shot_list, desc=f"shapes task-by-example (seed {seed})", disable=quiet):
         for blank in (False, True):
-            rk, em = eval_task(model, tok, n, k, seed, blank, **generation)
+            rk, em = eval_task(model, tok, n, k, seed, blank, video, **generation)
             records.append({"subtask": "task" + ("_blank" if blank else ""), "shots": k, "right_kind": rk,
                             "exact_match": em})
     return records
@@ -429,8 +433,8 @@ def main():
         raise SystemExit(f"error: {files.message(e)}") from None
     model.eval().to(dev)
     tok = get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
-    shot_list = [int(s) for s in str(shots or ("0,1,2,4,8" if task == "shapes" else "0,4,8,16,32")).strip("()[]").split(",")
-                 if s.strip()]  # "0,4" on the command line arrives as a tuple
+    default = {"shapes": "0,1,2,4,8", "shapes_video": "0,1,2,4"}.get(task, "0,4,8,16,32")
+    shot_list = [int(s) for s in str(shots or default).strip("()[]").split(",") if s.strip()]  # ("0,4": a tuple)
     base = {"task": task, "checkpoint": init_from if openflamingo else os.path.abspath(init_from),
             "demos": "rices" if rices else "random", "settings": dict(
                 num_samples=num_samples, num_beams=num_beams, max_new_tokens=max_new_tokens, dtype=dtype,

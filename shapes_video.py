@@ -13,8 +13,10 @@ The rules, so that anyone can render clips of their own:
 - A "count" clip holds 1 to 3 objects in distinct cells of shapes.py's 3 x 3 grid, each there in every frame, or
   appearing at frame k (absent before), or vanishing at frame k (absent from then on), k in 1 .. FRAMES - 1.
 - Questions (OpenFlamingo's VQA format, as shapes.py's): "which way does the red circle move?" (left, right, up or
-  down; chance 25%) and "how many objects are there at the end?" (the last frame's count); captions: "a red circle
-  moving left." Neither question can be answered from the first frame alone.
+  down; chance 25%), "how many objects are there at the end?" (the last frame's count) and, of a count clip where one
+  object appears, "which shape appears?"; captions: "a red circle moving left." No first frame answers them.
+- Task-by-example sequences: 2 to 6 motion clips, each followed by "Output:" and the mover's direction, color or
+  shape, one of the three per sequence, told by nothing but the examples: in-context learning over clips.
 
     python shapes_video.py                    # a few samples
     python shapes_video.py folder DIR [n_train] [n_test]   # a dataset folder of mp4 clips (video.py reads them)
@@ -29,8 +31,9 @@ from tokenizer import EOT
 
 FRAMES, STEP, START = 4, 5, (24, 40)
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-QUESTION_TYPES = ("direction", "count")
-KIND_MIX = {"direction": 0.6, "count": 0.25, "caption": 0.15}
+QUESTION_TYPES = ("direction", "count", "appears")
+TASK_KINDS = ("direction", "color", "shape")
+KIND_MIX = {"direction": 0.6, "count": 0.15, "appears": 0.05, "caption": 0.05, "task": 0.15}
 
 
 def draw(img, shape, size, color, cx, cy):
@@ -81,27 +84,44 @@ def motion_clip(rng):
     return dict(background=int(rng.integers(0, shapes.MAX_BACKGROUND + 1)), objects=objects), direction
 
 
-def count_clip(rng):
-    """1 to 3 objects in grid cells, each there throughout, appearing or vanishing: (clip, the count at the end)."""
+def count_clip(rng, appearing=False):
+    """1 to 3 objects in grid cells, each there throughout, appearing or vanishing: (clip, the count at the end). With
+    appearing=True, exactly one appears and the others stay: (clip, the shape that appears)."""
     n = 1 + int(rng.integers(3))
     cells = rng.permutation(9)[:n]
     objects = []
-    for (shape, color, size), cell in zip(looks(rng, n), cells.tolist()):
+    for j, ((shape, color, size), cell) in enumerate(zip(looks(rng, n), cells.tolist())):
         centre = (32 + 21 * (cell % 3 - 1), 32 + 21 * (cell // 3 - 1))
         k, kind = 1 + int(rng.integers(FRAMES - 1)), rng.integers(3)  # 0: always there, 1: appears, 2: vanishes
+        if appearing:
+            kind = 1 if j == n - 1 else 0
         at = [None if (kind == 1 and f < k) or (kind == 2 and f >= k) else centre for f in range(FRAMES)]
         objects.append(dict(shape=shape, color=color, size=size, at=at))
     end = sum(o["at"][-1] is not None for o in objects)
-    return dict(background=int(rng.integers(0, shapes.MAX_BACKGROUND + 1)), objects=objects), end
+    clip = dict(background=int(rng.integers(0, shapes.MAX_BACKGROUND + 1)), objects=objects)
+    return (clip, objects[-1]["shape"]) if appearing else (clip, end)
 
 
-def video_sample(split, seed, index, kind=None, mix=KIND_MIX):
-    """Sample `index` of `split`: (text markup, [clip frames (FRAMES, 64, 64, 3)]). kind: "direction" or "count" (a
-    question and its answer), "caption" (the motion, in words), or None: drawn from `mix`."""
+def video_sample(split, seed, index, kind=None, mix=KIND_MIX, task_kind=None, n_chunks=None):
+    """Sample `index` of `split`: (text markup, its clips' frames, each (FRAMES, 64, 64, 3)). kind: "direction",
+    "count" or "appears" (a question and its answer), "caption" (the motion, in words), "task" (task-by-example:
+    n_chunks motion clips, 2..6 if None, and the mover's task_kind, one of TASK_KINDS, random if None), or None:
+    drawn from `mix`."""
     rng = shapes.sample_rng(split, seed, index)
     if kind is None:
         kind = str(rng.choice(list(mix), p=np.array(list(mix.values())) / sum(mix.values())))
-    if kind == "count":
+    if kind == "task":
+        task_kind, text, clips = task_kind or str(rng.choice(TASK_KINDS)), "", []
+        for _ in range(n_chunks or int(rng.integers(2, 7))):
+            clip, direction = motion_clip(rng)
+            o = clip["objects"][0]
+            text += shapes.caption_chunk(direction if task_kind == "direction" else o[task_kind])
+            clips.append(render_clip(clip, rng))
+        return text + EOT, clips
+    if kind == "appears":
+        clip, shape = count_clip(rng, appearing=True)
+        text = shapes.question_chunk("which shape appears?", shape)
+    elif kind == "count":
         clip, end = count_clip(rng)
         text = shapes.question_chunk("how many objects are there at the end?", str(end))
     elif kind in ("direction", "caption"):

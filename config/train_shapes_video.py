@@ -28,7 +28,7 @@ xattn_heads = 4
 xattn_dim_head = 32
 
 learning_rate = 3e-3
-max_iters = 1000
+max_iters = 1500
 gate_lr_mult = 30.0
 warmup_iters = 30
 weight_decay = 0.0

@@ -36,6 +36,13 @@ def test_clips_follow_the_rules():
         text, (frames,) = sv.video_sample("test", 0, i, kind="count")
         end = int(text.split("Short answer:")[1][0])
         assert end == sum(centre(frames[-1], c) is not None for c in shapes.COLORS)
+        clip, shape = sv.count_clip(shapes.sample_rng("test", 0, i), appearing=True)
+        [new] = [o for o in clip["objects"] if o["at"][0] is None]  # one object appears; the others stay
+        assert new["shape"] == shape and new["at"][-1] is not None
+        assert all(None not in o["at"] for o in clip["objects"] if o is not new)
+        text, clips = sv.video_sample("test", 0, i, kind="task", task_kind="color", n_chunks=3)
+        answers = [c.split("Output:")[1] for c in text.split("<|endofchunk|>")[:-1]]
+        assert len(clips) == 3 and all(centre(f[0], a) is not None for f, a in zip(clips, answers))
     assert np.array_equal(sv.video_sample("train", 3, 7)[1][0], sv.video_sample("train", 3, 7)[1][0])
 
 
@@ -55,7 +62,7 @@ def test_the_first_frame_gives_no_direction_away():
 
 def test_batches_of_clips_and_images():
     tok = get_tokenizer("shapes")
-    clips = [sv.video_sample("train", 0, i) for i in range(3)]
+    clips = [sv.video_sample("train", 0, i, kind="direction") for i in range(3)]
     b = data.collate(clips, tok, 128)
     assert b.images.shape == (3, sv.FRAMES, 3, 64, 64)
     mixed = data.collate(clips[:2] + [shapes.shapes_sample("train", 0, 0, kind="question")], tok, 128)
@@ -94,11 +101,13 @@ def test_train_and_evaluate_on_clips(tmp_path):
                         "--eval_interval=2", "--eval_iters=1", "--tokenizer=bytes")
     assert records and all(np.isfinite(r.get("loss", 0)) for r in records)
     p = subprocess.run([sys.executable, "eval.py", f"--init_from={out}", "--task=shapes_video", "--num_samples=4",
-                        f"--results={tmp_path / 'r.json'}", "--num_workers=0", "--max_new_tokens=3"], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+                        f"--results={tmp_path / 'r.json'}", "--num_workers=0", "--max_new_tokens=3", "--shots=0,1"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    subtasks = {r["subtask"] for r in json.loads((tmp_path / "r.json").read_text())}
-    assert subtasks == {"direction", "direction_blank", "count", "count_blank"}
+    records = json.loads((tmp_path / "r.json").read_text())
+    assert {(r["subtask"], r["shots"]) for r in records} == {
+        *((q + b, 0) for q in ("direction", "count", "appears") for b in ("", "_blank")),
+        *((t, k) for t in ("task", "task_blank") for k in (0, 1))}
 
 
 def test_a_folder_of_clips_trains_and_evaluates(tmp_path):
