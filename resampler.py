@@ -49,17 +49,21 @@ class PerceiverAttention(nn.Module):
         if qk_norm:
             self.q_norm, self.k_norm = nn.LayerNorm(dim_head), nn.LayerNorm(dim_head)
 
-    def forward(self, x, latents):
-        # x: (N, L, D) media features, latents: (N, R, D)
+    def qkv(self, x, latents):
+        """x (N, L, D) media features, latents (N, R, D) -> queries (N, h, R, dh), keys and values (N, h, L + R, dh)
+        (explain.py reads the attention weights off these)."""
         x, latents = self.norm_media(x), self.norm_latents(latents)
-        N, R, _ = latents.shape
-        h = self.heads
+        N = latents.shape[0]
         q = self.to_q(latents)                                       # (N, R, inner)
         k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)  # (N, L + R, inner) each
-        q, k, v = (t.view(N, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))  # (N, h, *, dh)
+        q, k, v = (t.view(N, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))  # (N, h, *, dh)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(q, k, v)               # (N, h, R, dh): no mask, all see all
+        return q, k, v
+
+    def forward(self, x, latents):
+        N, R, _ = latents.shape
+        out = F.scaled_dot_product_attention(*self.qkv(x, latents))  # (N, h, R, dh): no mask, all see all
         return self.to_out(out.transpose(1, 2).reshape(N, R, -1))  # (N, R, D)
 
 

@@ -16,7 +16,8 @@ prompt, each in the order of the markers.
     python sample.py --video clip.mp4 --prompt "<image>Question:which way does the circle move? Short answer:"
     python sample.py --video a.mp4 --image b.png --prompt "<image>Output:a circle moving left<|endofchunk|><image>Output:"
 
-The continuation is printed as it is generated; the last line of output is the continuation.
+The continuation is printed as it is generated; the last line of output is the continuation. --explain=look.png
+(or .json) also writes where each generated token looked in its image and how much the images mattered (explain.py).
 
 A conversation, images added by a line `/image PATH` (chat.py has the format):
 
@@ -41,6 +42,7 @@ num_beams = 1
 chat = False                  # a conversation in the terminal (chat.py) instead of one continuation
 fps = 1.0                     # videos: frames sampled per second (the paper's 1)
 max_frames = 8                # ... and at most this many, spread evenly over a longer clip (the paper trains on 8)
+explain = ""                  # a file: where each generated token looked, a picture (.png) or its numbers (.json)
 seed = 1337
 device = "cpu"
 # --image and --video may repeat, so they are taken out of the arguments before the configurator sees them, in order
@@ -79,6 +81,12 @@ if chat and (_media or prompt or num_beams > 1):
     fail("--chat takes its images and messages as you type them (/image PATH), and no beams")
 if not _media and not chat:
     fail("give an image or a video: python sample.py --image cat.jpg")
+if explain and (chat or not explain.endswith((".png", ".json"))):
+    fail(f"--explain={explain}: a .png or .json file, for one continuation (not --chat)")
+if explain.endswith(".png"):
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:
+        fail("--explain draws with matplotlib: pip install matplotlib (or write the numbers: --explain=out.json)")
 
 from PIL import Image  # noqa: E402
 
@@ -175,3 +183,14 @@ if num_beams == 1:
     print(text[len(printed):])  # the streamed line already is the continuation, but for a last partial character
 else:
     print(text)
+if explain:  # where each generated token looked: one more pass over the prompt and the continuation (explain.py)
+    import explain as looking
+    from files import FileError
+    with torch.no_grad(), amp:
+        records = looking.explain(model, items, torch.tensor(idx[0].tolist() + continuation, device=device),
+                                  idx.shape[1], tok.decode)
+    try:
+        looking.save(records, explain, [looking.pixels(x, model.vision.mean, model.vision.std) for x in items])
+    except FileError as e:
+        fail(str(e))
+    print(f"wrote {explain}", file=sys.stderr)

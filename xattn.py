@@ -92,19 +92,22 @@ class MaskedCrossAttention(nn.Module):
             k = self.k_norm(k)
         return k.contiguous(), v.contiguous()
 
-    def forward(self, x, text_time, kv, R):
+    def queries(self, x, text_time, M, R):
+        """The queries of x (B, T, C) -> (B, h, T, dh), the mask of what each may see (B, 1, T, M*R) and which tokens
+        have an image at all (B, 1, T, 1). A token with no image would have an all-False row, and softmax over
+        nothing is NaN: such rows see everything (any finite values), and their output is zeroed exactly."""
         B, T, _ = x.shape
-        k, v = kv                                                         # (B, h, M*R, dh)
-        M = k.shape[2] // R
         q = self.to_q(self.norm(x)).view(B, T, self.heads, -1).transpose(1, 2)  # (B, h, T, dh)
         if self.qk_norm:
             q = self.q_norm(q)
-        mask = media_mask(text_time, M, R, self.only_immediate)          # (B, 1, T, M*R)
-        # A token with no image at all would have an all-False row, and softmax over nothing is NaN.
-        # Let such rows see everything (any finite values), then zero their output exactly below.
         has_media = (text_time > 0)[:, None, :, None]                     # (B, 1, T, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_media)  # (B, h, T, dh)
-        out = out * has_media
+        return q, media_mask(text_time, M, R, self.only_immediate) | ~has_media, has_media
+
+    def forward(self, x, text_time, kv, R):
+        B, T, _ = x.shape
+        k, v = kv                                                         # (B, h, M*R, dh)
+        q, mask, has_media = self.queries(x, text_time, k.shape[2] // R, R)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask) * has_media  # (B, h, T, dh)
         return self.to_out(out.transpose(1, 2).reshape(B, T, -1))        # (B, T, C)
 
 
