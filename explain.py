@@ -132,7 +132,8 @@ def explain(model, items, idx, start, decode=None):
         combined = sum(gates[i] / norm * w for i, w in per_block.items())  # (M, R)
         m = int(combined.sum(-1).argmax()) if any(gates.values()) else int(text_time[0, p]) - 1
         grid, rec["class_token"] = grid_of(combined[m] @ C[m], len(items[m]), cls)        # (F, g, g)
-        rec.update(image=m, grid=grid.tolist(), peak=list(np.unravel_index(int(grid.argmax()), tuple(grid.shape))))
+        peak = np.unravel_index(int(grid.argmax()), tuple(grid.shape))      # (frame, row, col)
+        rec.update(image=m, grid=grid.tolist(), peak=[int(v) for v in peak])
         added = sum(a[0, p] for _, a, _ in recorder.seen.values())
         rec["share"] = (added / sum(s[0, p] for _, _, s in recorder.seen.values())).item()
         for i, w in per_block.items():
@@ -140,8 +141,6 @@ def explain(model, items, idx, start, decode=None):
             block_grid = grid_of(w[m] @ C[m], len(items[m]), cls)[0]
             rec["blocks"].append({"layer": int(i), "gate": gates[i], "grid": block_grid.tolist(),
                                   "share": (a[0, p] / s[0, p]).item()})
-    for rec in records:
-        rec["peak"] = None if rec["peak"] is None else [int(v) for v in rec["peak"]]
     return records
 
 
@@ -238,9 +237,10 @@ def measure(model, tok, n=200, seed=0, batch_size=16):
 
 
 if __name__ == "__main__":
-    from configurator import configure
+    from configurator import check, configure
     config = dict(init_from="out-shapes", num_samples=200, seed=0, batch_size=16)
     configure(config)
+    check(config, at_least=dict(num_samples=1, batch_size=1))
     from files import LOAD_ERRORS
     from model import load_model
     from tokenizer import get_tokenizer
@@ -249,6 +249,9 @@ if __name__ == "__main__":
     except LOAD_ERRORS as e:
         raise SystemExit(f"error: {files.message(e)}") from None
     model.eval()
+    if model.vision.image_size not in (64, (64, 64)):  # the scenes are drawn at the shapes world's size
+        raise SystemExit(f"error: {config['init_from']} is not a shapes-world model (its tower takes "
+                         f"{model.vision.image_size} px images, the scenes are 64 px): explain.py measures those only")
     tok = get_tokenizer(tokenizer, lm_vocab_size=model.lm.config.vocab_size, new_tokens=model.config.new_tokens)
     result = measure(model, tok, config["num_samples"], config["seed"], config["batch_size"])
     print(", ".join(f"{k} {v:.1f}%" for k, v in result.items()))
