@@ -59,8 +59,8 @@ from metrics import cider, exact_match, ptb_tokenize, roc_auc, vqa_accuracy, vqa
 from tokenizer import CAPTION, EOC, EOT, VQA, get_tokenizer
 
 # -----------------------------------------------------------------------------
-init_from = "out-shapes"      # an out_dir of train.py (or its ckpt.pt), openflamingo/<name> or an IDEFICS (README)
-lm = ""                       # the LM of a local OpenFlamingo checkpoint.pt (a directory); hub models know theirs
+init_from = "out-shapes"      # out_dir (or ckpt.pt), a shared folder or user/name, openflamingo/<name>, an IDEFICS
+lm = ""                       # the LM of a local OpenFlamingo checkpoint.pt (a directory), or a shared folder's own
 dtype = "float32"             # of the frozen LM ("bfloat16" halves MPT-7B's 27 GB; run under autocast)
 clip = "ViT-L-14"             # and their CLIP: open_clip name, and tag or local weights file
 clip_pretrained = "openai"
@@ -414,8 +414,9 @@ def main():
     check(globals(), at_least=dict(num_trials=1, num_samples=1, query_set_size=1, num_beams=1, max_new_tokens=1,
                                    batch_size=1, num_workers=0),
           choices=dict(dtype=("float32", "bfloat16", "float16")), may_be_none=("num_samples", "num_beams", "max_new_tokens"))
-    openflamingo = init_from.startswith(("openflamingo/", "HuggingFaceM4/")) or bool(lm) \
-        or os.path.isfile(os.path.join(init_from, "config.json"))  # a released model (IDEFICS's: a folder too)
+    hub_id = init_from.count("/") == 1 and not init_from.startswith((".", "/")) and not os.path.exists(init_from)
+    openflamingo = init_from.startswith(("openflamingo/", "HuggingFaceM4/")) or bool(lm) or hub_id \
+        or os.path.isfile(os.path.join(init_from, "config.json"))  # released or shared (a folder with config.json)
     ckpt_path = init_from if init_from.endswith(".pt") else os.path.join(init_from, "ckpt.pt")
     if not openflamingo and not os.path.exists(ckpt_path):
         raise SystemExit(f"error: no checkpoint at {ckpt_path}. Train one first:  python train.py config/train_shapes.py")

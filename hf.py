@@ -358,6 +358,8 @@ OPENFLAMINGO = {
 # where OpenFlamingo's LM keeps its decoder layers and its input table: MPT's names, or GPT-NeoX's (the 4B models)
 OPENFLAMINGO_LM_KEYS = {"mpt": ("lang_encoder.transformer.blocks.", "lang_encoder.transformer.wte.weight"),
                         "neox": ("lang_encoder.gpt_neox.layers.", "lang_encoder.gpt_neox.embed_in.weight")}
+# GPT-NeoX's own head (MPT ties its head to its table), as transformers < 5 names it (the released checkpoints) and >= 5
+OPENFLAMINGO_HEAD = ("lang_encoder.embed_out.weight", "lang_encoder.lm_head.weight")
 # OpenFlamingo's tokens after its LM's vocabulary, in this order (GPT-NeoX's 50277 tokens, then 50277, 50278, 50279)
 OPENFLAMINGO_TOKENS = ("<|endofchunk|>", "<image>", "<PAD>")
 
@@ -385,7 +387,9 @@ def read_openflamingo(path, arch, n_layer, n_embd):
     """An OpenFlamingo checkpoint.pt for an LM of family `arch`, `n_layer` layers of width `n_embd` ->
     (its trained parts under our names, "perceiver.*" and "xattn.{i}.*"; the LM's input table (V + 3, C) as
     OpenFlamingo trained it, the new tokens' rows last; the FlamingoConfig fields its layout implies: which
-    layers have a gated block, the resampler's depth and latents, the heads). Every tensor must find its place."""
+    layers have a gated block, the resampler's depth and latents, the heads). Every tensor must find its place.
+    GPT-NeoX's head (V + 3, C), which OpenFlamingo's training saved too (it keeps names holding "embed", as
+    transformers < 5's embed_out), comes back in the trained parts as "lm_head"."""
     sd = files.torch_load(path, map_location="cpu")
     if not isinstance(sd, dict):
         raise files.FileError(f"{path} is not an OpenFlamingo checkpoint (a state dict)")
@@ -396,7 +400,8 @@ def read_openflamingo(path, arch, n_layer, n_embd):
     if wte_key not in sd:
         raise KeyError(f"{path}: no {wte_key}: not an OpenFlamingo checkpoint of this LM ({arch})")
     wte = sd.pop(wte_key)
-    trained = {}
+    heads = [sd.pop(k) for k in OPENFLAMINGO_HEAD if k in sd] if arch == "neox" else []
+    trained = {"lm_head": heads[0]} if heads else {}
     for k in list(sd):
         m = re.fullmatch(re.escape(blocks) + r"(\d+)\.gated_cross_attn_layer\.(.+)", k) or \
             re.fullmatch(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.(.+)", k)  # the same modules, listed
@@ -423,3 +428,41 @@ def read_openflamingo(path, arch, n_layer, n_embd):
         xattn_ff_mult=trained[x0 + "ff.1.weight"].shape[0] // n_embd, vision_ln_post=False,
         new_tokens=OPENFLAMINGO_TOKENS)
     return trained, wte, layout
+
+
+def openflamingo_problems(cfg, arch):
+    """What keeps a model of FlamingoConfig dict `cfg` over an LM of family `arch` from OpenFlamingo's layout, the
+    one its create_model_and_transforms builds (open_flamingo/src: a resampler of 6 layers, 8 heads of 64 and 64
+    latents, blocks of 8 heads of 64 before every n-th layer, feed-forwards 4x wide, no time embeddings): a list
+    of reasons, empty when it fits."""
+    want = dict(xattn_at="end", cross_attn_from_layer=0, resampler_depth=6, resampler_heads=8, resampler_dim_head=64,
+                num_latents=64, max_num_frames=0, xattn_heads=8, xattn_dim_head=64, xattn_ff_mult=4,
+                xattn_norm="layernorm", xattn_ff="gelu", xattn_qk_norm=False, xattn_gate="scalar", xattn_eps=1e-5,
+                resampler_ff_act="gelu", resampler_qk_norm=False, only_attend_immediate_media=True,
+                vision_class_token=False, vision_stage=None, freeze_vision=True, train_lm_layers=0)
+    problems = [f"{k}={cfg.get(k)!r} (OpenFlamingo's: {v!r})" for k, v in want.items() if cfg.get(k) != v]
+    if arch not in OPENFLAMINGO_LM_KEYS:
+        problems.insert(0, f"a {arch} LM (OpenFlamingo's layout is known here for MPT and GPT-NeoX)")
+    if not cfg.get("clip_pretrained"):
+        problems.append("a randomly initialised tower (OpenFlamingo reads its CLIP by name and weights)")
+    return problems
+
+
+def write_openflamingo(trained, wte, head, arch):
+    """The inverse of read_openflamingo: our trained parts ("perceiver.*", "xattn.{i}.*"), the input table (V + 3, C)
+    with OpenFlamingo's three tokens last, and GPT-NeoX's head (V + 3, C) or None -> the state dict OpenFlamingo's
+    checkpoint.pt holds, under its names (which its model.load_state_dict(sd, strict=False) reads)."""
+    blocks, wte_key = OPENFLAMINGO_LM_KEYS[arch]
+    sd = {}
+    for k, v in trained.items():
+        if k.startswith("xattn."):
+            i, rest = k.removeprefix("xattn.").split(".", 1)
+            sd[f"{blocks}{i}.gated_cross_attn_layer.{rest}"] = v
+        elif k.startswith("perceiver."):
+            sd[k] = v
+        else:
+            raise ValueError(f"{k}: OpenFlamingo's checkpoint holds the resampler, the gated blocks and the tables only")
+    sd[wte_key] = wte
+    if head is not None:  # under both names, one tensor (torch.save writes it once): strict=False loads the one it has
+        sd.update({k: head for k in OPENFLAMINGO_HEAD})
+    return sd

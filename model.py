@@ -25,6 +25,8 @@ import files
 import generation
 import hf
 import idefics
+import openflamingo
+import pretrained
 from lm import LM, LMConfig, row_positions
 from resampler import PerceiverResampler
 from vision import VisionEncoder
@@ -65,6 +67,7 @@ class FlamingoConfig:
     train_lm_layers: int = 0              # fine-tuning: the LM's top this many layers trained too (freeze_lm or not)
     train_lm_embeddings: bool = False     # the LM's whole input table trained too, as OpenFlamingo does (config/9b.py)
     new_tokens: tuple = ("<image>", "<|endofchunk|>")  # rows after the LM's vocabulary, in this order
+    tie_new_tokens: bool = False          # their output rows are their input rows (OpenFlamingo's MPT; README)
     openflamingo: str | None = None       # an OpenFlamingo checkpoint.pt this model was built from (its LM rows)
     idefics: str | None = None            # an IDEFICS folder or hub id this model was built from (idefics.py)
     stop_token_id: int | None = None      # ends a chunk where <|endofchunk|> is not a new token (IDEFICS's)
@@ -110,6 +113,8 @@ class Flamingo(nn.Module):
         wte, head = lm.transformer.wte.weight.detach(), lm.lm_head.weight.detach()
         self.new_wte = nn.Parameter(wte.float().mean(0).expand(n, -1).clone().to(wte.dtype))    # (n, C)
         self.new_lm_head = nn.Parameter(head.float().mean(0).expand(n, -1).clone().to(head.dtype))
+        if cfg.tie_new_tokens:
+            self.new_lm_head = self.new_wte
         # Freezing is decided once, here: the optimizer only ever sees what requires grad.
         self.lm.requires_grad_(not cfg.freeze_lm)
         self.vision.requires_grad_(not cfg.freeze_vision)
@@ -129,10 +134,9 @@ class Flamingo(nn.Module):
                 print(f"{name[:47]:<48}{t:>15,}{f:>15,}")
 
     def unfreeze_lm_layers(self, k, embeddings=False):
-        """Train the LM's top k layers too (fine-tuning on a dataset of one's own), and with `embeddings` its whole
-        input table (OpenFlamingo trains it: its create_model_and_transforms' freeze_lm_embeddings=False; a tied head,
-        GPT-2's or MPT's, is the same tensor and trains with it). Recorded in the config, so that a checkpoint (which
-        keeps every trained tensor) rebuilds the same model. k = 0 and embeddings=False change nothing."""
+        """Train the LM's top k layers too (fine-tuning on one's own data), and with `embeddings` its whole input table
+        (as OpenFlamingo: freeze_lm_embeddings=False; a tied head, GPT-2's or MPT's, trains with it). Recorded in the
+        config, so that a checkpoint rebuilds the same model. k = 0 and embeddings=False change nothing."""
         layers = self.lm.transformer.h
         if not 0 <= k <= len(layers):
             raise ValueError(f"train_lm_layers={k}: the LM has {len(layers)} layers")
@@ -157,11 +161,10 @@ class Flamingo(nn.Module):
         return counts
 
     def configure_optimizer(self, learning_rate, weight_decay, betas, gate_lr_mult=1.0, fused=False):
-        """AdamW over what is trained, in three groups: weight decay on the trained matrices only (not on norms,
-        gates, latents or token tables: OpenFlamingo decays none of its embedding), none on the rest, and the tanh
-        gates, whose learning rate is gate_lr_mult times the others' (their group's "lr_mult", which train.py's
-        schedule applies): with Adam a gate moves at most about lr per step, and a short run needs them open long
-        before the paper's 500k steps would open them."""
+        """AdamW over what is trained, in three groups: weight decay on the trained matrices only (not on norms, gates,
+        latents or token tables: OpenFlamingo decays none of its embedding), none on the rest, and the tanh gates at
+        gate_lr_mult times the others' rate (their group's "lr_mult", applied by train.py's schedule): with Adam a
+        gate moves about lr per step at most, and a short run needs them open long before the paper's 500k steps."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         is_gate = lambda n: n.endswith(("attn_gate", "ff_gate"))  # noqa: E731
         is_decay = lambda n, p: p.dim() >= 2 and not any(s in n for s in ("latents", "new_", "wte"))  # noqa: E731
@@ -179,10 +182,9 @@ class Flamingo(nn.Module):
 
     def fully_shard(self):
         """Shard the model over the processes with PyTorch's FSDP (fully_shard; under torchrun): each LM layer, each
-        gated block (its cross-attention apart, whose media_kv generation and encode_media call outside its
-        forward), the resampler and the vision tower become units whose weights, gradients and optimizer state are
-        split over the processes and gathered one unit at a time; the root keeps the rest (embeddings, head, new
-        token rows). Weights become DTensors: train.py gathers them whole for its checkpoints."""
+        gated block (its cross-attention apart: generation and encode_media call its media_kv outside its forward),
+        the resampler and the tower become units whose weights (DTensors, which train.py gathers whole to save them),
+        gradients and optimizer state are split over the processes; the root keeps embeddings, head, new token rows."""
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
         for unit in self.lm.transformer.h:
             fully_shard(unit)
@@ -369,40 +371,15 @@ class Flamingo(nn.Module):
     @classmethod
     def from_openflamingo(cls, checkpoint, lm, clip="ViT-L-14", clip_pretrained="openai", dtype=None, verbose=True):
         """A released OpenFlamingo model: its checkpoint.pt (a hub id of hf.OPENFLAMINGO, a directory or the file), its
-        LM (hub id or directory) and its CLIP. The layout comes from the checkpoint (hf.read_openflamingo): the blocks'
-        layers, the resampler's size, the vocabulary (GPT-NeoX's 50277 tokens, then <|endofchunk|>, <image>, <PAD>).
-        Every tensor must fit its place. Vision features: patch tokens before ln_post, as OpenFlamingo's saw them."""
-        path = hf.openflamingo_file(checkpoint)
-        lm_model = LM.from_pretrained(lm, dtype=dtype)
-        arch, C = lm_model.config.arch, lm_model.config.n_embd
-        trained, wte, layout = hf.read_openflamingo(path, arch, lm_model.config.n_layer, C)  # wte (V + 3, C)
-        cfg = FlamingoConfig(lm=lm, clip=clip, clip_pretrained=clip_pretrained, openflamingo=checkpoint, **layout)
-        V = wte.shape[0] - len(cfg.new_tokens)
-        if wte.shape[1] != C or V > lm_model.config.vocab_size:
-            raise ValueError(f"{path}: {hf.OPENFLAMINGO_LM_KEYS[arch][1]} has shape {tuple(wte.shape)}; the LM {lm} "
-                             f"has {lm_model.config.vocab_size} rows of width {C}")
-        # OpenFlamingo resized the LM's table (MPT-7B: 50432 padded rows) to its tokenizer's and trained it all:
-        # the LM gets the first V rows, the new-token rows get the rest. MPT ties its head, so both tie here too.
-        # GPT-NeoX's head is its own, frozen: the LM keeps its first V rows, and the new tokens' head rows, which
-        # OpenFlamingo drew at random when it built its model and never saved, start at the mean of the others.
-        dt, tied = lm_model.transformer.wte.weight.dtype, lm_model.config.tie_word_embeddings
-        head = None if tied else lm_model.lm_head.weight[:V].detach().clone()
-        lm_model.transformer.wte = nn.Embedding(V, C, _weight=wte[:V].to(dt).clone(), _freeze=True)
-        lm_model.lm_head = nn.Linear(C, V, bias=False)
-        lm_model.lm_head.weight = lm_model.transformer.wte.weight if tied else nn.Parameter(head, requires_grad=False)
-        lm_model.config.vocab_size = V
-        vision = VisionEncoder(clip, clip_pretrained, ln_post=False)
-        model = cls(lm_model, vision, cfg, verbose=verbose)
-        with torch.no_grad():
-            model.new_wte.copy_(wte[V:])
-        if tied:
-            model.new_lm_head = model.new_wte
-        trained.update(new_wte=wte[V:], **({} if tied else {"new_lm_head": model.new_lm_head.detach().clone()}))
+        LM (hub id or directory) and its CLIP; the layout read off the checkpoint, every tensor fitted to its place
+        (openflamingo.py). Vision features: patch tokens before ln_post, as OpenFlamingo's released models saw them."""
+        lm_model, vision, options, trained, path = openflamingo.read(checkpoint, lm, clip, clip_pretrained, dtype)
+        model = cls(lm_model, vision, FlamingoConfig(**options), verbose=verbose)
         try:
             model.load_trained(trained)
-        except KeyError as e:  # name the checkpoint's keys too: xattn.{i}.X is <blocks>{i}.gated_cross_attn_layer.X
-            blocks = hf.OPENFLAMINGO_LM_KEYS[arch][0]
-            raise KeyError(f"{path}: {e.args[0]} (xattn.{{i}}.X is {blocks}{{i}}.gated_cross_attn_layer.X)") from None
+        except ValueError as e:  # name the file and its keys too: xattn.{i}.X is <blocks>{i}.gated_cross_attn_layer.X
+            blocks = hf.OPENFLAMINGO_LM_KEYS[model.lm.config.arch][0]
+            raise ValueError(f"{path}: {e} (xattn.{{i}}.X is {blocks}{{i}}.gated_cross_attn_layer.X)") from None
         return model
 
     @classmethod
@@ -424,34 +401,55 @@ class Flamingo(nn.Module):
     def trained_state_dict(self):
         return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
 
+    def frozen_tower(self):
+        """The tower's tensors where only they rebuild it (a random frozen one; IDEFICS's is in its folder), else None."""
+        if self.config.clip_pretrained is None and self.config.freeze_vision and not self.config.idefics:
+            return {k: v.detach() for k, v in self.vision.state_dict().items()}
+
     def save_checkpoint(self, path, trained=None, vision=None, **extra):
         """Write {"flamingo_config", "model" (trained parts only), **extra} atomically: a temp file, then a
         rename, so a run killed mid-write leaves the previous checkpoint whole. trained / vision: those state
         dicts as given (train.py gathers them whole from FSDP's shards first), else this model's own."""
         ckpt = {"flamingo_config": asdict(self.config), "model": trained or self.trained_state_dict(), **extra}
-        if self.config.clip_pretrained is None and self.config.freeze_vision and not self.config.idefics:
-            # a randomly initialised tower cannot be rebuilt from its name alone (IDEFICS's comes from its folder)
-            ckpt["vision"] = vision or {k: v.detach() for k, v in self.vision.state_dict().items()}
+        if self.frozen_tower() is not None:
+            ckpt["vision"] = vision or self.frozen_tower()
         files.atomic_save(ckpt, path)
+
+    def save_pretrained(self, folder, tokenizer="bytes", card=None, with_base=False):
+        """This model as a folder to share (pretrained.py): config.json, model.safetensors of the trained parts, the
+        model card (README.md: `card`, else pretrained.model_card's), the tokenizer (a name, or the path of its
+        tokenizer.json); with_base: the LM's folder and the tower's weights copied in when they are local."""
+        tensors = {**self.trained_state_dict(), **{"vision." + k: v for k, v in (self.frozen_tower() or {}).items()}}
+        card = card or (lambda cfg: pretrained.model_card(self, folder, cfg))
+        return pretrained.write(folder, asdict(self.config), tokenizer, tensors, card, with_base)
+
+    @classmethod
+    def from_folder(cls, path_or_hub_id, lm=None, clip_pretrained=None, dtype=None, verbose=True):
+        """A model saved by save_pretrained: a folder or a hub id, downloaded once; the LM and the tower fetched by
+        the names its config.json gives them (or lm / clip_pretrained instead). -> (model, its tokenizer's name)."""
+        folder, cfg, tokenizer, trained, vision = pretrained.read(path_or_hub_id, lm=lm, clip_pretrained=clip_pretrained)
+        return cls.from_saved(cfg, trained, vision, dtype, verbose, folder), tokenizer
 
     @classmethod
     def from_checkpoint(cls, path, verbose=True, map_location="cpu", dtype=None):
         """Rebuild a model saved by save_checkpoint (a ckpt.pt file or the directory holding it); dtype: the frozen
         LM's, cast as it is read (the trained parts stay in fp32)."""
-        if os.path.isdir(path):
-            path = os.path.join(path, "ckpt.pt")
+        path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
         ckpt = files.torch_load(path, map_location=map_location)  # FileError: missing, truncated, holds code, ...
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("flamingo_config"), dict) or "model" not in ckpt:
             raise files.FileError(f"{path} is not a checkpoint of this project (no flamingo_config and model); an "
                                   "OpenFlamingo checkpoint.pt loads with --lm=<its LM> (README)")
-        unknown = sorted(set(ckpt["flamingo_config"]) - set(FlamingoConfig.__dataclass_fields__))
-        if unknown:
-            raise files.FileError(f"{path} was saved with model keys this code does not know: {unknown[:5]}")
-        cfg = dict(ckpt["flamingo_config"])
-        base = os.path.dirname(os.path.abspath(path))
-        for key in ("lm", "clip_pretrained", "openflamingo", "idefics"):  # paths saved relative to the checkpoint travel with it
-            if cfg.get(key) and not os.path.isabs(cfg[key]) and os.path.exists(os.path.join(base, cfg[key])):
-                cfg[key] = os.path.join(base, cfg[key])
+        cfg = pretrained.resolve(ckpt["flamingo_config"], os.path.dirname(os.path.abspath(path)))  # relative: from it
+        model = cls.from_saved(cfg, ckpt["model"], ckpt.get("vision"), dtype, verbose, path)
+        model.config = FlamingoConfig(**ckpt["flamingo_config"])  # as saved: relative paths stay relative
+        return model, ckpt
+
+    @classmethod
+    def from_saved(cls, cfg, trained, vision=None, dtype=None, verbose=True, source="the checkpoint"):
+        """The model a FlamingoConfig dict describes, its frozen parts read by name (or the tower's tensors `vision`),
+        then its trained tensors placed, each checked (load_trained)."""
+        if unknown := sorted(set(cfg) - set(FlamingoConfig.__dataclass_fields__)):
+            raise files.FileError(f"{source} was saved with model keys this code does not know: {unknown[:5]}")
         if cfg.get("openflamingo") or cfg.get("idefics"):  # built on a released model: its tensors come from it
             model = cls.from_idefics(cfg["idefics"], dtype, verbose) if cfg.get("idefics") else \
                 cls.from_openflamingo(cfg["openflamingo"], cfg["lm"], cfg["clip"], cfg["clip_pretrained"], dtype=dtype,
@@ -459,11 +457,11 @@ class Flamingo(nn.Module):
             model.unfreeze_lm_layers(cfg.get("train_lm_layers", 0), cfg.get("train_lm_embeddings", False))
         else:
             model = cls.from_pretrained(verbose=verbose, dtype=dtype, **cfg)
-        model.load_trained(ckpt["model"])
-        if "vision" in ckpt:
-            model.vision.load_state_dict(ckpt["vision"], strict=True)
-        model.config = FlamingoConfig(**ckpt["flamingo_config"])
-        return model, ckpt
+        model.load_trained(trained)
+        if vision:
+            model.vision.load_state_dict(vision, strict=True)
+        model.config = FlamingoConfig(**cfg)
+        return model
 
     def load_trained(self, sd):
         """Load trained parts, refusing any missing, unexpected or mis-shaped tensor by name."""
@@ -482,13 +480,15 @@ class Flamingo(nn.Module):
 
 
 def load_model(init_from, lm="", clip="ViT-L-14", clip_pretrained="openai", dtype=None, verbose=False):
-    """What sample.py and eval.py load: (model, the name get_tokenizer takes). init_from is an out_dir of train.py
-    (or its ckpt.pt), or an OpenFlamingo checkpoint: a hub id "openflamingo/<name>" (its LM known from
-    hf.OPENFLAMINGO) or a local checkpoint.pt with its LM's directory as `lm`; the tokenizer is that LM's
-    tokenizer.json (GPT-NeoX's, for the MPT models). dtype: the frozen LM's ("bfloat16": run under autocast)."""
+    """What sample.py, eval.py and train.py's fine-tuning load: (model, the name get_tokenizer takes). init_from: an
+    out_dir of train.py (or its ckpt.pt); a save_pretrained folder or its hub id "user/name" (lm, clip_pretrained: its
+    LM and tower, if not where it says); an OpenFlamingo checkpoint, "openflamingo/<name>" (its LM in hf.OPENFLAMINGO)
+    or a checkpoint.pt with its LM's directory as `lm`; or an IDEFICS. dtype: the frozen LM's (else autocast)."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if idefics.is_idefics(init_from):
         return Flamingo.from_idefics(init_from, dtype, verbose), hf.resolve_checkpoint_dir(init_from)
+    if pretrained.is_folder(init_from) or (pretrained.is_hub_id(init_from) and not init_from.startswith("openflamingo/")):
+        return Flamingo.from_folder(init_from, lm, None if clip_pretrained == "openai" else clip_pretrained, dtype, verbose)
     if init_from.startswith("openflamingo/") or lm:
         lm = lm or hf.OPENFLAMINGO.get(init_from)
         if not lm:

@@ -28,8 +28,8 @@ import os
 import sys
 
 # -----------------------------------------------------------------------------
-init_from = "out-shapes"      # an out_dir of train.py (or its ckpt.pt), openflamingo/<name> or an IDEFICS (README)
-lm = ""                       # the LM of a local OpenFlamingo checkpoint.pt (a directory); hub models know theirs
+init_from = "out-shapes"      # out_dir (or ckpt.pt), a shared folder or user/name, openflamingo/<name>, an IDEFICS
+lm = ""                       # the LM of a local OpenFlamingo checkpoint.pt (a directory), or a shared folder's own
 dtype = "float32"             # of the frozen LM ("bfloat16" halves MPT-7B's 27 GB; run under autocast)
 clip = "ViT-L-14"             # and their CLIP: open_clip name, and tag or local weights file
 clip_pretrained = "openai"
@@ -70,8 +70,10 @@ def fail(message):
     sys.exit(1)
 
 
-# a released model: OpenFlamingo's (a hub id, or a checkpoint.pt with its --lm), IDEFICS's (a hub id or a folder)
-openflamingo = init_from.startswith(("openflamingo/", "HuggingFaceM4/")) or bool(lm) \
+# a released model: OpenFlamingo's (a hub id, or a checkpoint.pt with its --lm), IDEFICS's (a hub id or a folder);
+# or a shared one (a folder with a config.json, or "user/name" on the hub: pretrained.py)
+hub_id = init_from.count("/") == 1 and not init_from.startswith((".", "/")) and not os.path.exists(init_from)
+openflamingo = init_from.startswith(("openflamingo/", "HuggingFaceM4/")) or bool(lm) or hub_id \
     or os.path.isfile(os.path.join(init_from, "config.json"))
 ckpt = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) or not init_from.endswith(".pt") else init_from
 if not openflamingo and not os.path.exists(ckpt):

@@ -30,6 +30,7 @@ import files
 import folders
 import idefics
 import memory
+import pretrained
 from lm import LM
 from model import Flamingo, FlamingoConfig, load_model
 from pretrain_shapes import lm_config as pretrain_shapes_lm_config, pretrain
@@ -89,6 +90,7 @@ freeze_lm = True
 freeze_vision = True
 train_lm_layers = 0           # also train the LM's top this many layers (fine-tuning); 0 = the frozen LM
 train_lm_embeddings = False   # also train the LM's whole input table, as OpenFlamingo does (config/9b.py)
+tie_new_tokens = False        # the new tokens' output rows are their input rows, as in OpenFlamingo's MPT (README)
 activation_checkpointing = False  # recompute each LM layer in the backward pass: far less memory, ~1/3 more compute
 # optimizer: AdamW, warmup then cosine decay
 learning_rate = 1e-4
@@ -220,9 +222,10 @@ try:  # a file that cannot be read, another config's checkpoint, an LM that cann
         tokenizer = config["tokenizer"] = checkpoint["config"]["tokenizer"]
     elif finetune:  # the model and its tokenizer as the checkpoint has them: this config's model keys do not apply
         from_ours = os.path.isfile(os.path.join(init_from, "ckpt.pt")) or os.path.basename(init_from) == "ckpt.pt"
-        if not from_ours and not lm and not init_from.startswith("openflamingo/") and not idefics.is_idefics(init_from):
-            sys.exit(f"error: init_from={init_from!r}: not an out_dir of train.py (no ckpt.pt) nor an IDEFICS model; an "
-                     "OpenFlamingo checkpoint.pt also needs lm=<its LM's directory>")
+        if not from_ours and not lm and not init_from.startswith("openflamingo/") and not idefics.is_idefics(init_from) \
+                and not pretrained.is_folder(init_from) and not pretrained.is_hub_id(init_from):
+            sys.exit(f"error: init_from={init_from!r}: not an out_dir of train.py (no ckpt.pt), a shared model's folder "
+                     "or an IDEFICS model; an OpenFlamingo checkpoint.pt also needs lm=<its LM's directory>")
         model, tokenizer = load_model(init_from, "" if from_ours else lm, clip, clip_pretrained, lm_dtype, master)
         model.unfreeze_lm_layers(train_lm_layers, train_lm_embeddings)
         config["tokenizer"] = tokenizer

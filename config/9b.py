@@ -39,6 +39,7 @@ xattn_dim_head = 64
 # rows, tied to its head (206.6M more trained, 1.39B in all, OpenFlamingo-9B's "1.4B"). The new token rows are
 # trained whatever this says; False keeps every original LM weight as it was (Flamingo's own choice, the default).
 train_lm_embeddings = True
+tie_new_tokens = True  # MPT ties its head: the new tokens' output rows are their input rows, as in OpenFlamingo
 
 # Data: LAION-2B pairs and MMC4 documents (shards.py) as webdataset tar shards (img2dataset's layout for
 # LAION; MMC4's documents with their images), mixed as OpenFlamingo mixes them: every step a batch of each, their

@@ -240,18 +240,12 @@ def test_finetune_an_openflamingo_checkpoint_on_a_folder(tmp_path, mpt_dir):
         assert torch.equal(v, before[k]) != trained, (k, trained)
 
 
-@pytest.mark.parametrize("arch", ["mpt", "neox"])
-def test_same_logits_as_openflamingos_own_code(tmp_path, arch):
-    """OpenFlamingo 2.0.1's own code (pip install --no-deps -r requirements-reference.txt) builds a model from a
-    tiny CLIP and a tiny LM with its create_model_and_transforms: an MPT (the 3B and 9B models) or a GPT-NeoX
-    with RedPajama-INCITE-3B's choices (the 4B models). Its trained parts, drawn at random with the gates open,
-    are saved as its checkpoint.pt. from_openflamingo, given the same local files, gives the same logits, for
-    rows with 1 to 3 images and text before the first one (OpenFlamingo pads the images of a batch to the most
-    any row has; we encode only real ones)."""
+def openflamingo_base(tmp_path, arch):
+    """The files OpenFlamingo's create_model_and_transforms builds on: a tiny LM (an MPT, or a GPT-NeoX with
+    RedPajama-INCITE-3B's choices) with a GPT-NeoX-like tokenizer, and a tiny CLIP's weights. -> their paths."""
     import json
     import open_clip
 
-    open_flamingo = pytest.importorskip("open_flamingo")
     from vision import register_clip_configs
     from test_tokenizer import neox_like
 
@@ -280,9 +274,20 @@ def test_same_logits_as_openflamingos_own_code(tmp_path, arch):
         clip.visual.ln_post.weight.add_(torch.randn(D) * 0.5)
         clip.visual.ln_post.bias.add_(torch.randn(D) * 0.5)
     torch.save(clip.state_dict(), tmp_path / "clip.pt")
+    return str(lm), str(tmp_path / "clip.pt")
 
-    ref, _, tok = open_flamingo.create_model_and_transforms("flamingo-tiny", str(tmp_path / "clip.pt"), str(lm),
-                                                           str(lm), cross_attn_every_n_layers=EVERY)
+
+@pytest.mark.parametrize("arch", ["mpt", "neox"])
+def test_same_logits_as_openflamingos_own_code(tmp_path, arch):
+    """OpenFlamingo 2.0.1's own code (pip install --no-deps -r requirements-reference.txt) builds a model from a
+    tiny CLIP and a tiny LM with its create_model_and_transforms: an MPT (the 3B and 9B models) or a GPT-NeoX
+    with RedPajama-INCITE-3B's choices (the 4B models). Its trained parts, drawn at random with the gates open,
+    are saved as its checkpoint.pt. from_openflamingo, given the same local files, gives the same logits, for
+    rows with 1 to 3 images and text before the first one (OpenFlamingo pads the images of a batch to the most
+    any row has; we encode only real ones)."""
+    open_flamingo = pytest.importorskip("open_flamingo")
+    lm, clip = openflamingo_base(tmp_path, arch)
+    ref, _, tok = open_flamingo.create_model_and_transforms("flamingo-tiny", clip, lm, lm, cross_attn_every_n_layers=EVERY)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # the trained parts and the input embedding, all drawn afresh: gates open, norms near 1
         for name, p in ref.named_parameters():
@@ -301,8 +306,8 @@ def test_same_logits_as_openflamingos_own_code(tmp_path, arch):
     ref.vision_encoder.ln_post = torch.nn.Identity()
     ref.eval()
 
-    ours = Flamingo.from_openflamingo(str(tmp_path / "checkpoint.pt"), str(lm), clip="flamingo-tiny",
-                                      clip_pretrained=str(tmp_path / "clip.pt"), verbose=False).eval()
+    ours = Flamingo.from_openflamingo(str(tmp_path / "checkpoint.pt"), lm, clip="flamingo-tiny", clip_pretrained=clip,
+                                      verbose=False).eval()
     if arch == "neox":  # its untied head's rows for the new tokens: drawn when OpenFlamingo resized it, never saved
         V = ours.lm.config.vocab_size
         with torch.no_grad():
