@@ -152,12 +152,16 @@ def model_card(model, folder, cfg, training=None, evals="", name=None):
     and what it scored (evals: eval.py's table). name: its hub id, else the folder's name."""
     name, counts = name or os.path.basename(os.path.abspath(folder)), model.parameter_counts()
     n_blocks, n_layer = len(model.xattn), model.lm.config.n_layer
-    lm, clip = cfg["lm"], f"{cfg['clip']}" + (f" ({cfg['clip_pretrained']})" if cfg.get("clip_pretrained") else "")
+    inside = lambda name: os.path.exists(os.path.join(folder, name))  # noqa: E731  (copied in: with_base)
+    lm, weights = cfg["lm"], cfg.get("clip_pretrained")
+    lm_text = f"`{lm}`" + (" (in this folder)" if inside(lm) else "")
+    clip = f"`{cfg['clip']}` (" + ((f"weights `{weights}`" + (", in this folder" if inside(weights) else "")) if weights
+                                   else "its weights in model.safetensors") + ")"
     base = [lm] if is_hub_id(lm) else []
     lines = ["---", "tags: [flamingo, image-to-text, visual-question-answering, nanoflamingo]",
              "pipeline_tag: image-to-text", *(f"base_model: {b}" for b in base), "---", "", f"# {name}", "",
              "A [Flamingo](https://arxiv.org/abs/2204.14198) (Alayrac et al. 2022) trained with nanoFlamingo: the frozen "
-             f"language model `{lm}` and the frozen CLIP tower `{clip}`, joined by a Perceiver Resampler "
+             f"language model {lm_text} and the frozen CLIP tower {clip}, joined by a Perceiver Resampler "
              f"({cfg['resampler_depth']} layers, {cfg['num_latents']} latents) and gated cross-attention blocks before "
              f"{n_blocks} of the LM's {n_layer} layers. model.safetensors holds the trained parts only; the LM and the "
              "tower are read from their own folders or the hub.", "",
