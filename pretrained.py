@@ -63,6 +63,17 @@ def resolve(cfg, base):
                       and not os.path.isabs(cfg[k]) and os.path.exists(os.path.join(base, cfg[k]))}}
 
 
+def read_config(folder):
+    """The folder's config.json, checked: FileError if it is not one of this layout or of a newer format."""
+    if not is_folder(folder):
+        raise files.FileError(f"{folder}: no {CONFIG} with a \"flamingo\" object: not a folder written by "
+                              "save_pretrained (export.py)")
+    config = hf.read_config(folder)
+    if not isinstance(config.get("format", FORMAT), int) or config.get("format", FORMAT) > FORMAT:
+        raise files.FileError(f"{folder} was written by a newer version of this code (format {config['format']!r})")
+    return config
+
+
 def read(path_or_hub_id, lm=None, clip_pretrained=None):
     """-> (folder, the FlamingoConfig dict, the tokenizer's name or path, the trained tensors, the frozen tower's
     tensors or None). Names relative to the folder come back as paths in it; lm / clip_pretrained replace the
@@ -70,12 +81,7 @@ def read(path_or_hub_id, lm=None, clip_pretrained=None):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     folder = download(path_or_hub_id) if is_hub_id(path_or_hub_id) else path_or_hub_id
-    if not is_folder(folder):
-        raise files.FileError(f"{folder}: no {CONFIG} with a \"flamingo\" object: not a folder written by "
-                              "save_pretrained (export.py)")
-    config = hf.read_config(folder)
-    if not isinstance(config.get("format", FORMAT), int) or config.get("format", FORMAT) > FORMAT:
-        raise files.FileError(f"{folder} was written by a newer version of this code (format {config['format']!r})")
+    config = read_config(folder)
     cfg = resolve(config["flamingo"], folder)
     cfg.update({k: v for k, v in (("lm", lm), ("clip_pretrained", clip_pretrained)) if v})
     for key in PATHS:

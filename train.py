@@ -141,12 +141,14 @@ sizes = listed(data_batch_sizes, int) if data_batch_sizes is not None else [batc
 if dry_run:
     if finetune:  # the model this project's checkpoint describes, with this run's train_lm_layers and _embeddings
         path = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) else init_from
-        try:
-            saved = files.torch_load(path, map_location="cpu", mmap=True) if os.path.isfile(path) else {}
+        try:  # a run's ckpt.pt, or a shared folder's config.json
+            saved = {"flamingo_config": pretrained.resolve(pretrained.read_config(init_from)["flamingo"], init_from)} \
+                if pretrained.is_folder(init_from) else files.torch_load(path, map_location="cpu", mmap=True) \
+                if os.path.isfile(path) else {}
         except files.FileError as e:
             sys.exit(f"error: {e}")
         if not isinstance(saved, dict) or "flamingo_config" not in saved:
-            sys.exit(f"error: --dry_run=True with init_from={init_from!r}: dry runs read this project's checkpoints only")
+            sys.exit(f"error: --dry_run=True with init_from={init_from!r}: dry runs read this project's models only")
         flamingo_options = dict(saved["flamingo_config"])
         lm, clip, clip_pretrained = (flamingo_options.pop(k) for k in ("lm", "clip", "clip_pretrained"))
         flamingo_options["train_lm_layers"] = max(train_lm_layers, flamingo_options.get("train_lm_layers", 0))

@@ -229,6 +229,9 @@ def test_scripts_read_the_folder_like_the_run(run, tmp_path):
                "--batch_size=2", "--device=cpu", "--compile=False")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert Flamingo.from_checkpoint(str(tmp_path / "ft"), verbose=False)[1]["iter_num"] == 1
+    p = script("train.py", f"--init_from={shared}", "--dry_run=True")  # sizes from config.json alone
+    assert p.returncode == 0 and json.loads(p.stdout.strip().splitlines()[-1])["trained_params"] == sum(
+        v.numel() for v in Flamingo.from_folder(shared, verbose=False)[0].trained_state_dict().values()), p.stderr
 
     snapshot = tmp_path / "hub" / "models--me--tiny" / "snapshots" / ("0" * 40)  # the hub cache's layout
     shutil.copytree(shared, snapshot)
