@@ -17,6 +17,7 @@ This file knows the layout, not the model: model.py builds from what it reads.
 
 import json
 import os
+import re
 import shutil
 
 import files
@@ -37,8 +38,9 @@ def is_folder(path):
 
 
 def is_hub_id(name):
-    """"user/name" and nothing local by that name: a hub repository to download."""
-    return name.count("/") == 1 and not name.startswith((".", "/")) and not os.path.exists(name)
+    """"user/name" (the hub's characters, not a file's name) and nothing local by that name: a hub repository."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name)) and not os.path.exists(name) \
+        and not name.endswith((".pt", ".pth", ".bin", ".safetensors", ".json"))
 
 
 def download(hub_id):
@@ -48,9 +50,10 @@ def download(hub_id):
         from huggingface_hub import snapshot_download
         return snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.md", "*.model", "*.tiktoken"])
     except Exception as e:
-        raise RuntimeError(f"could not download {hub_id} from the Hugging Face hub ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200] if str(e) else ''}). Offline? On a machine with network run "
-                           f"`huggingface-cli download {hub_id} --local-dir DIR`, copy DIR here and pass its path") from None
+        raise RuntimeError(f"{hub_id}: no such folder here, and no download from the Hugging Face hub "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). Offline? On a "
+                           f"machine with network run `huggingface-cli download {hub_id} --local-dir DIR`, copy DIR "
+                           "here and pass its path") from None
 
 
 PATHS = ("lm", "clip_pretrained", "openflamingo", "idefics")  # FlamingoConfig fields that may name a file or folder

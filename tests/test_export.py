@@ -124,7 +124,7 @@ def test_bad_folders_refused_by_name(lm_and_clip, tmp_path):
     assert not pretrained.is_folder(str(tmp_path / "notjson")) and not pretrained.is_folder(str(tmp_path))
 
 
-def test_with_base_travels(lm_and_clip, tmp_path):
+def test_with_base_travels(lm_and_clip, tmp_path, monkeypatch):
     """with_base: the LM's folder and the tower's weights copied in, named relative to the folder: moved elsewhere
     (its base gone from where it was), it loads the same model. Without, the paths are made absolute."""
     lm, clip = lm_and_clip
@@ -139,11 +139,19 @@ def test_with_base_travels(lm_and_clip, tmp_path):
     loaded, _ = Flamingo.from_folder(str(tmp_path / "b"), verbose=False)
     images = images_for(1, seed=2)
     assert torch.equal(logits_of(loaded.eval(), images, TEXT[:, :5]), logits_of(model, images, TEXT[:, :5]))
-    os.chdir(tmp_path)  # relative paths given by the user become absolute ones in the folder
+    monkeypatch.chdir(tmp_path)  # relative paths given by the user become absolute ones in the folder
     trained_model(os.path.relpath(lm), os.path.relpath(clip)).save_pretrained("c")
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())["flamingo"]
-    os.chdir(ROOT)
     assert (cfg["lm"], cfg["clip_pretrained"]) == (lm, clip)
+
+
+def test_what_is_a_hub_id(tmp_path, monkeypatch):
+    """user/name in the hub's characters, not a file's name, and nothing local by that name."""
+    monkeypatch.chdir(tmp_path)
+    names = ["me/tiny", "me/tiny.v2", "out/ckpt.pt", "out/model.safetensors", "out-shapes/", "a/b/c", "./x", "gpt2"]
+    assert [pretrained.is_hub_id(n) for n in names] == [True, True] + [False] * 6
+    os.makedirs("me/tiny")
+    assert not pretrained.is_hub_id("me/tiny")  # a local folder wins
 
 
 def test_push_to_hub_with_a_stand_in(tmp_path, monkeypatch):
