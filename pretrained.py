@@ -89,8 +89,9 @@ def read(path_or_hub_id, lm=None, clip_pretrained=None):
     cfg.update({k: v for k, v in (("lm", lm), ("clip_pretrained", clip_pretrained)) if v})
     for key in PATHS:
         if isinstance(cfg.get(key), str) and os.path.isabs(cfg[key]) and not os.path.exists(cfg[key]):
-            raise files.FileError(f"{folder}: its {key} is {cfg[key]}, which is not on this machine: pass "
-                                  f"--{key}=<where it is here, or its hub id>")
+            raise files.FileError(f"{folder}: its {key} is {cfg[key]}, which is not on this machine: " + (
+                f"pass --{key}=<where it is here, or its hub id>" if key in ("lm", "clip_pretrained") else
+                f"put it there, or its hub id in {CONFIG}"))
     tokenizer = config.get("tokenizer", "bytes")
     if not isinstance(tokenizer, str):
         raise files.FileError(f"{folder}/{CONFIG}: tokenizer {tokenizer!r} is not a name")
@@ -126,9 +127,9 @@ def write(folder, cfg, tokenizer, tensors, card, with_base=False):
     for key in PATHS:  # the machine's own paths cannot travel
         if isinstance(cfg.get(key), str) and os.path.exists(cfg[key]) and not os.path.exists(os.path.join(folder, cfg[key])):
             cfg[key] = os.path.abspath(cfg[key])
-            print(f"warning: {key} is this machine's {cfg[key]}: the folder loads elsewhere only with that path given "
-                  f"again (--{key}=...)"
-                  + (" or copied in with --with_base=True" if key in ("lm", "clip_pretrained") else ""))
+            print(f"warning: {key} is this machine's {cfg[key]}: elsewhere the folder loads only " + (
+                f"with --{key}=<where it is there>, or copied in with --with_base=True" if key in ("lm", "clip_pretrained")
+                else f"with that file there, or its hub id put in {CONFIG}"))
     if tokenizer not in ("bytes", "shapes", "gpt2") and os.path.exists(tokenizer):
         src = os.path.join(tokenizer, "tokenizer.json") if os.path.isdir(tokenizer) else tokenizer
         copy(src, os.path.join(folder, "tokenizer.json"))

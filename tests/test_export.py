@@ -116,6 +116,8 @@ def test_bad_folders_refused_by_name(lm_and_clip, tmp_path):
         (variant("pickle", raw=b"\x80\x04\x95" + b"\x00" * 64), files.FileError, "model.safetensors"),
         (variant("nolm", config=json.dumps({**config, "flamingo": {**config["flamingo"], "lm": "/nowhere/lm"}})),
          files.FileError, "pass --lm="),
+        (variant("noof", config=json.dumps({**config, "flamingo": {**config["flamingo"], "openflamingo": "/no/c.pt"}})),
+         files.FileError, "its openflamingo is /no/c.pt, which is not on this machine: put it there"),
     ]
     for folder, error, needle in cases:
         with pytest.raises(error) as e:
