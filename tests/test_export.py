@@ -84,6 +84,28 @@ def test_tied_new_tokens_saved_once(lm_and_clip, tmp_path):
     assert torch.equal(logits_of(loaded.eval(), images, TEXT), logits_of(model, images, TEXT))
 
 
+def test_a_finetuned_openflamingo_shared(tmp_path):
+    """A model built on an OpenFlamingo checkpoint.pt, its LM's top layer trained too: the folder holds that layer
+    (and names the checkpoint, whose LM table it reads), and rebuilds the same logits."""
+    pytest.importorskip("transformers")
+    from test_openflamingo import openflamingo_base, openflamingo_state_dict
+    lm, clip = openflamingo_base(tmp_path, "mpt")
+    torch.save(openflamingo_state_dict(), tmp_path / "checkpoint.pt")
+    model = Flamingo.from_openflamingo(str(tmp_path / "checkpoint.pt"), lm, clip="flamingo-tiny", clip_pretrained=clip,
+                                       verbose=False).eval()
+    model.unfreeze_lm_layers(1)
+    with torch.no_grad():
+        for p in model.lm.transformer.h[-1].parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    model.save_pretrained(str(tmp_path / "f"), tokenizer=lm)
+    assert (tmp_path / "f" / "tokenizer.json").exists()
+    loaded, tokenizer = Flamingo.from_folder(str(tmp_path / "f"), verbose=False)
+    assert tokenizer == str(tmp_path / "f" / "tokenizer.json") and loaded.config.train_lm_layers == 1
+    img, eoc = model.media_token_id, model.eoc_token_id
+    images, idx = images_for(2, seed=0), torch.tensor([[img, 5, 6, 7, eoc, img, 9, 10]])
+    assert torch.equal(logits_of(loaded.eval(), images, idx), logits_of(model, images, idx))
+
+
 def test_bad_folders_refused_by_name(lm_and_clip, tmp_path):
     """A missing tensor, an unexpected one and a mis-shaped one are refused with its name; so are a config.json that
     is not JSON or is of a newer format, weights that are not safetensors (a pickle is never unpickled), and an LM
