@@ -299,8 +299,8 @@ def test_openflamingo_runs_our_export(tmp_path, arch, ln_post):
     drawn at random with the gates open, written by openflamingo.checkpoint as checkpoint.pt: OpenFlamingo 2.0.1's
     create_model_and_transforms builds its model on the same LM and CLIP files, its load_state_dict(sd,
     strict=False) fills every trained tensor, and its logits are ours (the new tokens at their ids there). With
-    vision_ln_post=False (OpenFlamingo's released models') its tower is told to skip ln_post, as export.py says;
-    and the file read back by from_openflamingo is our model again."""
+    vision_ln_post=False (OpenFlamingo's released models') its tower is told to skip ln_post, as export.py says.
+    Here the model saved as a folder, and (before ln_post) the file read back by from_openflamingo, give our logits."""
     open_flamingo = pytest.importorskip("open_flamingo")
     from test_openflamingo import C, EVERY, LAYERS, openflamingo_base
     from tokenizer import get_tokenizer
@@ -349,6 +349,10 @@ def test_openflamingo_runs_our_export(tmp_path, arch, ln_post):
     assert C == ours.lm.config.n_embd and len(ours.xattn) == LAYERS // EVERY
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
+    ours.save_pretrained(str(tmp_path / "f"), tokenizer=lm)  # and here, as a folder
+    with torch.no_grad():
+        assert torch.equal(Flamingo.from_folder(str(tmp_path / "f"), verbose=False)[0].eval()(images[0], mine)[0],
+                           ours(images[0], mine)[0])
     if not ln_post:  # back again: OpenFlamingo's reader, GPT-NeoX's head rows included
         back = Flamingo.from_openflamingo(str(tmp_path / "checkpoint.pt"), lm, clip="flamingo-tiny",
                                           clip_pretrained=clip, verbose=False).eval()
