@@ -132,7 +132,8 @@ def test_bad_folders_refused_by_name(lm_and_clip, tmp_path):
     cases = [
         (variant("missing", {k: v for k, v in weights.items() if k != key}), ValueError, f"missing ['{key}']"),
         (variant("extra", {**weights, "xattn.9.ff_gate": torch.zeros(1)}), ValueError, "'xattn.9.ff_gate'"),
-        (variant("shape", {**weights, key: weights[key][:, :-1].contiguous()}), ValueError, f"{key}: checkpoint has shape"),
+        (variant("shape", {**weights, key: weights[key][:, :-1].contiguous()}), ValueError,
+         f"{key}: checkpoint has shape"),
         (variant("notjson", config="{not json"), files.FileError, "config.json"),
         (variant("newer", config=json.dumps({**config, "format": 99})), files.FileError, "newer version"),
         (variant("pickle", raw=b"\x80\x04\x95" + b"\x00" * 64), files.FileError, "model.safetensors"),
@@ -255,6 +256,12 @@ def test_scripts_read_the_folder_like_the_run(run, tmp_path):
         assert p.returncode == 0, p.stderr
     a, b = (json.load(open(tmp_path / n)) for n in ("run.json", "shared.json"))
     assert [r["predictions"] for r in a] == [r["predictions"] for r in b]
+    p = script("export.py", f"--init_from={out}", f"--out_dir={tmp_path / 'carded'}",
+               f"--eval_results={tmp_path / 'run.json'}")
+    assert p.returncode == 0, p.stderr  # eval.py's table in the card
+    assert "## Evaluation\n\n```\nvqa " in (tmp_path / "carded" / "README.md").read_text()
+    p = script("export.py", f"--init_from={out}", f"--out_dir={tmp_path / 'x'}", f"--eval_results={tmp_path / 'a.png'}")
+    assert p.returncode == 1 and "not a results file of eval.py" in p.stderr and "Traceback" not in p.stderr
 
     p = script("train.py", "config/finetune_folder.py", f"--init_from={shared}", f"--data_dir={folder}",
                f"--out_dir={tmp_path / 'ft'}", "--max_iters=1", "--eval_interval=1", "--eval_iters=1",
