@@ -360,6 +360,10 @@ def test_openflamingo_runs_our_export(tmp_path, arch, ln_post):
     with torch.no_grad():
         assert torch.equal(Flamingo.from_folder(str(tmp_path / "f"), verbose=False)[0].eval()(images[0], mine)[0],
                            ours(images[0], mine)[0])
+    p = script("export.py", f"--init_from={tmp_path / 'f'}", f"--openflamingo={tmp_path / 'cli.pt'}")
+    assert p.returncode == 0 and "create_model_and_transforms(" in p.stdout, p.stderr  # the command, from the folder
+    cli = torch.load(tmp_path / "cli.pt")
+    assert cli.keys() == sd.keys() and all(torch.equal(cli[k], sd[k]) for k in sd)
     if not ln_post:  # back again: OpenFlamingo's reader, GPT-NeoX's head rows included
         back = Flamingo.from_openflamingo(str(tmp_path / "checkpoint.pt"), lm, clip="flamingo-tiny",
                                           clip_pretrained=clip, verbose=False).eval()
