@@ -7,7 +7,7 @@ Flamingo.from_folder reads one, export.py makes one from a run's ckpt.pt and upl
                          a randomly initialised frozen tower's too, as "vision.*", since no name rebuilds it
     README.md            the model card: what it is, how it was trained, what it scored
     tokenizer.json       the LM's tokenizer, when it is a file (a built-in one, "shapes", "gpt2", is named)
-    lm/, vision.*        the frozen LM's folder and the tower's weights, only when copied in (export.py
+    lm/, vision.safetensors  the frozen LM's folder and the tower's weights, only when copied in (export.py
                          --with_base=True: for bases that are on no hub, as the shapes world's stand-ins)
 
 safetensors and JSON only: reading a folder never runs code (a pickle could). Paths in config.json that name a
@@ -19,6 +19,8 @@ import json
 import os
 import re
 import shutil
+
+import torch
 
 import files
 import hf
@@ -57,6 +59,7 @@ def download(hub_id):
 
 
 PATHS = ("lm", "clip_pretrained", "openflamingo", "idefics")  # FlamingoConfig fields that may name a file or folder
+SAFE = (".json", ".safetensors", ".txt", ".model", ".tiktoken", ".md")  # the files a folder holds: no pickle
 
 
 def resolve(cfg, base):
@@ -86,6 +89,12 @@ def read(path_or_hub_id, lm=None, clip_pretrained=None):
     folder = download(path_or_hub_id) if is_hub_id(path_or_hub_id) else path_or_hub_id
     config = read_config(folder)
     cfg = resolve(config["flamingo"], folder)
+    for key in ("lm", "clip_pretrained"):  # the base copied in: safetensors, as everything else here
+        path = cfg.get(key)
+        if isinstance(path, str) and path.startswith(os.path.join(folder, "")) and not (path.endswith(".safetensors") or
+                                                                                      is_safe_dir(path)):
+            raise files.FileError(f"{path}: not safetensors (a pickle could run code): a shared folder holds "
+                                  "safetensors only")
     cfg.update({k: v for k, v in (("lm", lm), ("clip_pretrained", clip_pretrained)) if v})
     for key in PATHS:
         if isinstance(cfg.get(key), str) and os.path.isabs(cfg[key]) and not os.path.exists(cfg[key]):
@@ -118,12 +127,14 @@ def write(folder, cfg, tokenizer, tensors, card, with_base=False):
     cfg = dict(cfg)
     if with_base:
         if os.path.isdir(cfg["lm"]):
+            if not is_safe_dir(cfg["lm"]):
+                raise files.FileError(f"--with_base: {cfg['lm']} holds its weights as pickles (.bin), and a shared "
+                                      "folder holds safetensors: LM.from_pretrained(it).save_pretrained(dir) writes them")
             copy(cfg["lm"], os.path.join(folder, "lm"))
             cfg["lm"] = "lm"
         if cfg.get("clip_pretrained") and os.path.isfile(cfg["clip_pretrained"]):
-            name = "vision" + os.path.splitext(cfg["clip_pretrained"])[1]
-            copy(cfg["clip_pretrained"], os.path.join(folder, name))
-            cfg["clip_pretrained"] = name
+            copy_tower(cfg["clip_pretrained"], os.path.join(folder, "vision.safetensors"))
+            cfg["clip_pretrained"] = "vision.safetensors"
     for key in PATHS:  # the machine's own paths cannot travel
         if isinstance(cfg.get(key), str) and os.path.exists(cfg[key]) and not os.path.exists(os.path.join(folder, cfg[key])):
             cfg[key] = os.path.abspath(cfg[key])
@@ -144,16 +155,35 @@ def write(folder, cfg, tokenizer, tensors, card, with_base=False):
     return cfg
 
 
+def is_safe_dir(path):
+    """A folder whose weights are safetensors."""
+    return os.path.isdir(path) and any(n.endswith(".safetensors") for n in os.listdir(path))
+
+
 def copy(src, dst):
-    """A file or a folder's files (not subfolders: a model folder is flat), each written atomically."""
+    """A file, or a folder's files of the SAFE kinds (not subfolders: a model folder is flat), each written
+    atomically."""
     if os.path.isdir(src):
         os.makedirs(dst, exist_ok=True)
         for name in sorted(os.listdir(src)):
-            if os.path.isfile(os.path.join(src, name)) and not name.startswith("."):
+            if os.path.isfile(os.path.join(src, name)) and name.endswith(SAFE) and not name.endswith(".bin.index.json"):
                 copy(os.path.join(src, name), os.path.join(dst, name))
         return
     with open(src, "rb") as f:
         files.atomic_write(dst, lambda out: shutil.copyfileobj(f, out), needed=os.path.getsize(src))
+
+
+def copy_tower(src, dst):
+    """The tower's weights file as safetensors: copied, or converted from a PyTorch file (read weights_only)."""
+    from safetensors.torch import save
+    if src.endswith(".safetensors"):
+        return copy(src, dst)
+    sd = files.torch_load(src, map_location="cpu")
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise files.FileError(f"--with_base: {src} is not a state dict of tensors: cannot write it as safetensors")
+    data = save({k: v.contiguous().clone() for k, v in sd.items()}, metadata={"format": "pt"})
+    files.atomic_write(dst, lambda f: f.write(data), needed=len(data))
 
 
 def model_card(model, folder, cfg, training=None, evals="", name=None):

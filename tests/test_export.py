@@ -160,10 +160,21 @@ def test_with_base_travels(lm_and_clip, tmp_path, monkeypatch):
     shutil.rmtree(base)
     shutil.move(str(tmp_path / "a"), str(tmp_path / "b"))
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())["flamingo"]
-    assert (cfg["lm"], cfg["clip_pretrained"]) == ("lm", "vision.pt")
+    assert (cfg["lm"], cfg["clip_pretrained"]) == ("lm", "vision.safetensors")  # the tower's .pt converted
     loaded, _ = Flamingo.from_folder(str(tmp_path / "b"), verbose=False)
     images = images_for(1, seed=2)
     assert torch.equal(logits_of(loaded.eval(), images, TEXT[:, :5]), logits_of(model, images, TEXT[:, :5]))
+    # safetensors only: an LM whose weights are a pickle is not copied in; a folder naming a pickle is not read
+    shutil.copytree(tmp_path / "b" / "lm", tmp_path / "binlm")
+    (tmp_path / "binlm" / "model.safetensors").rename(tmp_path / "binlm" / "pytorch_model.bin")
+    with pytest.raises(files.FileError, match="holds its weights as pickles"):
+        pretrained.write(str(tmp_path / "d"), {**cfg, "lm": str(tmp_path / "binlm")}, "bytes", {}, "", with_base=True)
+    shutil.copy(clip, tmp_path / "b" / "vision.pt")
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    config["flamingo"]["clip_pretrained"] = "vision.pt"
+    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(files.FileError, match="vision.pt: not safetensors"):
+        Flamingo.from_folder(str(tmp_path / "b"), verbose=False)
     monkeypatch.chdir(tmp_path)  # relative paths given by the user become absolute ones in the folder
     trained_model(os.path.relpath(lm), os.path.relpath(clip)).save_pretrained("c")
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())["flamingo"]
