@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 import files
+import pretrained
 import shapes
 import shapes_video
 from batching import Skipped, answer, from_rank0, rank_world, start_processes
@@ -414,8 +415,7 @@ def main():
     check(globals(), at_least=dict(num_trials=1, num_samples=1, query_set_size=1, num_beams=1, max_new_tokens=1,
                                    batch_size=1, num_workers=0),
           choices=dict(dtype=("float32", "bfloat16", "float16")), may_be_none=("num_samples", "num_beams", "max_new_tokens"))
-    hub_id = init_from.count("/") == 1 and not init_from.startswith((".", "/")) and not os.path.exists(init_from)
-    openflamingo = init_from.startswith(("openflamingo/", "HuggingFaceM4/")) or bool(lm) or hub_id \
+    openflamingo = init_from.startswith(("openflamingo/", "HuggingFaceM4/")) or bool(lm) or pretrained.is_hub_id(init_from) \
         or os.path.isfile(os.path.join(init_from, "config.json"))  # released or shared (a folder with config.json)
     ckpt_path = init_from if init_from.endswith(".pt") else os.path.join(init_from, "ckpt.pt")
     if not openflamingo and not os.path.exists(ckpt_path):

@@ -411,8 +411,8 @@ class Flamingo(nn.Module):
         rename, so a run killed mid-write leaves the previous checkpoint whole. trained / vision: those state
         dicts as given (train.py gathers them whole from FSDP's shards first), else this model's own."""
         ckpt = {"flamingo_config": asdict(self.config), "model": trained or self.trained_state_dict(), **extra}
-        if self.frozen_tower() is not None:
-            ckpt["vision"] = vision or self.frozen_tower()
+        if (tower := self.frozen_tower()) is not None:
+            ckpt["vision"] = vision or tower
         files.atomic_save(ckpt, path)
 
     def save_pretrained(self, folder, tokenizer="bytes", card=None, with_base=False):

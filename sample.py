@@ -72,6 +72,7 @@ def fail(message):
 
 # a released model: OpenFlamingo's (a hub id, or a checkpoint.pt with its --lm), IDEFICS's (a hub id or a folder);
 # or a shared one (a folder with a config.json, or "user/name" on the hub: pretrained.py)
+# (user/name: a loose test before torch is imported; pretrained.is_hub_id decides when the model is loaded)
 hub_id = init_from.count("/") == 1 and not init_from.startswith((".", "/")) and not os.path.exists(init_from)
 openflamingo = init_from.startswith(("openflamingo/", "HuggingFaceM4/")) or bool(lm) or hub_id \
     or os.path.isfile(os.path.join(init_from, "config.json"))
